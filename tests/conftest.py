@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests build small models and generate their own data; the one real dataset
+(../shared/datasets/cifar10-jpeg-train.tar.gz) is used only where a test says so, and such tests
+are skipped with the reason when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg-train.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def cifar_jpeg_archive() -> Path:
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"the shared CIFAR-10 archive is not at {SHARED_ARCHIVE}")
+    return SHARED_ARCHIVE
+
+
+def tiny_vit_kwargs(**overrides) -> dict:
+    """A model small enough for any test: 2 blocks of width 32 on 16x16 images."""
+    kwargs = dict(image_size=16, patch_size=4, in_channels=3, num_classes=5, dim=32, depth=2,
+                  heads=4, mlp_dim=64, dropout=0.0)
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,34 @@
+import json
+import subprocess
+import sys
+
+import vitlab
+from vitlab.cli import main
+
+
+def test_version(capsys):
+    try:
+        main(["--version"])
+    except SystemExit as exit:
+        assert exit.code == 0
+    assert capsys.readouterr().out.strip() == f"vitlab {vitlab.__version__}"
+
+
+def test_models_table_lists_presets_with_measured_numbers(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    seed_line = next(line for line in out.splitlines() if line.startswith("seed"))
+    assert "18,979,338" in seed_line and " 65 " in seed_line and "2.509" in seed_line
+    for name in vitlab.list_models():
+        assert any(line.startswith(name) for line in out.splitlines())
+
+
+def test_models_json(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["name"]: r["parameters"] for r in rows}["seed"] == 18_979_338
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "vitlab", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("vitlab ")

@@ -1,0 +1,43 @@
+"""FLOPs of a forward pass, computed from the model's shapes.
+
+A multiply-add counts as 2 FLOPs (the convention of most papers and of
+torch.utils.flop_counter). Only matrix products are counted: LayerNorm, GELU, softmax and the
+residual adds are a few percent of a ViT's arithmetic and are memory-bound anyway.
+"""
+
+from __future__ import annotations
+
+from .model import ViTConfig, to_2tuple
+
+
+def flops_breakdown(config: ViTConfig, image_size: int | tuple[int, int] | None = None) -> dict[str, int]:
+    """FLOPs per image of each part of the network: patch_embedding, each block's attention
+    (qkv, scores, weighted sum, projection) and mlp, and the head."""
+    h, w = to_2tuple(image_size if image_size is not None else config.image_size)
+    p, d, m = config.patch_size, config.dim, config.mlp_dim
+    n = (h // p) * (w // p)
+    t = n + 1
+    per_block_attention = (
+        2 * t * d * 3 * d  # qkv projection
+        + 2 * t * t * d  # Q K^T over all heads
+        + 2 * t * t * d  # weights @ V
+        + 2 * t * d * d  # output projection
+    )
+    per_block_mlp = 2 * t * d * m * 2
+    out = {"patch_embedding": 2 * n * config.in_channels * p * p * d}
+    for i in range(config.depth):
+        out[f"blocks.{i}.attention"] = per_block_attention
+        out[f"blocks.{i}.mlp"] = per_block_mlp
+    out["head"] = 2 * d * config.num_classes
+    return out
+
+
+def forward_flops(config: ViTConfig, image_size: int | tuple[int, int] | None = None) -> int:
+    """FLOPs of one forward pass for one image."""
+    return sum(flops_breakdown(config, image_size).values())
+
+
+def training_flops(config: ViTConfig, image_size: int | tuple[int, int] | None = None) -> int:
+    """Forward + backward for one image: backward costs twice the forward (grad wrt inputs and
+    weights), the standard 3x rule."""
+    return 3 * forward_flops(config, image_size)
