@@ -1,0 +1,100 @@
+"""load_data: one entry point for every source (CIFAR archives, image folders, the cifar10/cifar100
+names), with the decoded-array cache, the validation split and the normalisation statistics."""
+
+from __future__ import annotations
+
+import posixpath
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cache import cache_root, load_cached, store
+from .cifar import CIFAR, CIFAR_BATCH_NAMES, decode_cifar, fetch_cifar, is_cifar_names
+from .folder import SourceFiles, decode_image_folder, is_archive, is_image_name, read_source_files, unreadable_message
+from .image import as_pair, to_uint8_array
+from .imageset import DataSplits, ImageSet, channel_stats
+from .splits import resolve_val_size, stratified_split
+
+
+def _wanted(name: str) -> bool:
+    return is_image_name(name) or posixpath.basename(name) in CIFAR_BATCH_NAMES
+
+
+def decode_source(path: Path, image_size=None, channels: int | None = None) -> dict:
+    """Reads and decodes a source without the cache: {'splits', 'class_names', 'skipped', 'kind'}."""
+    read = read_source_files(path, _wanted)
+    if is_cifar_names(read.files):
+        decoded = decode_cifar(read, path)
+        if (image_size is not None and as_pair(image_size) != (32, 32)) or channels not in (None, 3):
+            decoded["splits"] = {split: (_convert_all(images, image_size or 32, channels or 3), labels)
+                                 for split, (images, labels) in decoded["splits"].items()}
+        return decoded
+    images_only = SourceFiles({n: b for n, b in read.files.items() if is_image_name(n)}, read.unsafe)
+    decoded = decode_image_folder(images_only, path, image_size, channels)
+    decoded["kind"] = "image folder"
+    return decoded
+
+
+def _convert_all(images: np.ndarray, image_size, channels: int) -> np.ndarray:
+    size = as_pair(image_size)
+    return np.stack([to_uint8_array(Image.fromarray(image.transpose(1, 2, 0)), size, channels)
+                     for image in images])
+
+
+def resolve_source(source: str | Path, cache_dir=None) -> Path:
+    name = str(source).lower().replace("-", "")
+    if name in CIFAR and not Path(source).exists():
+        return fetch_cifar(name, cache_root(cache_dir))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset at {path}: give an image folder, a .tar/.tar.gz/.zip of one, "
+                                "an official CIFAR python archive, or the name cifar10 / cifar100")
+    if path.is_file() and not is_archive(path):
+        raise ValueError(f"{path} is neither a directory nor a .tar, .tar.gz or .zip archive")
+    return path
+
+
+def load_data(source: str | Path, *, val_size: int | float | None = None, split_seed: int = 0,
+              image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+              cache_dir: str | Path | None = None) -> DataSplits:
+    """Loads a dataset as uint8 splits with the train split's channel statistics.
+
+    The validation split is held out of the training images (stratified, a pure function of
+    split_seed) unless the source has its own val/ split; val_size None -> 5,000 for a 50,000-image
+    training set, else 10%; 0 -> no validation split. Decoded images are cached under cache_dir
+    ($VITLAB_CACHE, else ~/.cache/vitlab), so the second load skips decoding."""
+    path = resolve_source(source, cache_dir)
+    root = cache_root(cache_dir)
+    options = {"image_size": list(as_pair(image_size)) if image_size is not None else None,
+               "channels": channels}
+    decoded = load_cached(path, options, root)
+    if decoded is None:
+        decoded = decode_source(path, image_size, channels)
+        try:
+            store(path, options, root, decoded)
+        except OSError as error:
+            warnings.warn(f"could not write the data cache under {root} ({error}); the next load "
+                          "decodes again", stacklevel=2)
+    elif decoded["skipped"]:
+        warnings.warn(unreadable_message(path, decoded["skipped"]), stacklevel=2)
+
+    class_names = list(decoded["class_names"])
+
+    def image_set(split: str) -> ImageSet | None:
+        if split not in decoded["splits"]:
+            return None
+        images, labels = decoded["splits"][split]
+        return ImageSet(torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)), class_names)
+
+    train, val, test = image_set("train"), image_set("val"), image_set("test")
+    if val is None:
+        count = resolve_val_size(val_size, len(train))
+        if count:
+            train_index, val_index = stratified_split(train.labels, count, split_seed)
+            train, val = train.subset(train_index), train.subset(val_index)
+    mean, std = channel_stats(train.images)
+    return DataSplits(train=train, val=val, test=test, mean=mean, std=std,
+                      source=f"{path} ({decoded.get('kind') or 'dataset'})", skipped=list(decoded["skipped"]))
