@@ -1,6 +1,6 @@
 """Decoded-dataset cache: uint8 arrays plus a manifest keyed by the source's size, mtime and hash.
 
-A second load of the same source with the same options memory-maps the arrays instead of decoding
+A second load of the same source with the same options reads the arrays back instead of decoding
 50,000 JPEGs again. Size and mtime are checked first (cheap); only when they changed is the
 content hash recomputed, so a `touch` keeps the cache while any change of content rebuilds it.
 """
@@ -74,7 +74,7 @@ def load_cached(source: Path, options: dict, root: Path) -> dict | None:
         manifest["size"], manifest["mtime_ns"] = size, mtime  # same bytes, newer timestamp
         _write_manifest(entry, manifest)
     try:
-        splits = {split: (np.load(entry / f"{split}_images.npy", mmap_mode="r"),
+        splits = {split: (np.load(entry / f"{split}_images.npy"),
                           np.load(entry / f"{split}_labels.npy"))
                   for split in manifest["splits"]}
     except (OSError, ValueError):

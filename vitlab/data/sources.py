@@ -87,7 +87,8 @@ def load_data(source: str | Path, *, val_size: int | float | None = None, split_
         if split not in decoded["splits"]:
             return None
         images, labels = decoded["splits"][split]
-        return ImageSet(torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)), class_names)
+        return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(np.asarray(labels)),
+                        class_names)
 
     train, val, test = image_set("train"), image_set("val"), image_set("test")
     if val is None:
