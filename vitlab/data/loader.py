@@ -78,9 +78,11 @@ class BatchLoader:
         indices = self._rank_indices()
         for batch_number in range(self._num_batches(len(indices))):
             index = indices[batch_number * self.batch_size:(batch_number + 1) * self.batch_size].to(self.device)
-            yield self._make_batch(index, derive_seed(self.seed, self.epoch, self.rank, batch_number))
+            yield self.make_batch(index, derive_seed(self.seed, self.epoch, self.rank, batch_number))
 
-    def _make_batch(self, index: torch.Tensor, batch_seed: int):
+    def make_batch(self, index: torch.Tensor, batch_seed: int):
+        """The batch of these dataset indices, as iteration builds it for a batch with this seed
+        (augmented when train=True): (images float (B, C, H, W), targets (B,) or (B, K))."""
         images = self.images[index]  # uint8 (B, C, H, W)
         labels = self.labels[index]  # int64 (B,)
         config = self.augment
