@@ -133,3 +133,13 @@ def test_presets_and_bad_config():
         AugmentConfig(policy="autoaug")
     with pytest.raises(ValueError, match="mean/std have 1/1 values but the images have 3"):
         BatchLoader(make_set(), 4, mean=(0.5,), std=(0.5,), train=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_on_cuda_match_the_cpu_batches():
+    data = make_set(32)
+    kwargs = dict(mean=(0.5,) * 3, std=(0.5,) * 3, train=True, augment=augment_preset("light"), seed=5)
+    on_cpu = collect(BatchLoader(data, 8, **kwargs))
+    on_gpu = collect(BatchLoader(data, 8, device="cuda", **kwargs))
+    assert on_gpu[0][0].device.type == "cuda"
+    assert all(torch.allclose(a.cpu(), x) and torch.equal(b.cpu(), y) for (a, b), (x, y) in zip(on_gpu, on_cpu))

@@ -14,6 +14,7 @@ import math
 import torch
 
 from .augment import AugmentConfig, apply_policy, build_mix, build_policy, random_crop_flip, random_erasing
+from .cpu import one_cpu_thread
 from .imageset import ImageSet
 
 
@@ -78,7 +79,9 @@ class BatchLoader:
         indices = self._rank_indices()
         for batch_number in range(self._num_batches(len(indices))):
             index = indices[batch_number * self.batch_size:(batch_number + 1) * self.batch_size].to(self.device)
-            yield self.make_batch(index, derive_seed(self.seed, self.epoch, self.rank, batch_number))
+            with one_cpu_thread(self.device):
+                batch = self.make_batch(index, derive_seed(self.seed, self.epoch, self.rank, batch_number))
+            yield batch
 
     def make_batch(self, index: torch.Tensor, batch_seed: int):
         """The batch of these dataset indices, as iteration builds it for a batch with this seed
@@ -92,7 +95,7 @@ class BatchLoader:
         with torch.random.fork_rng(devices=[]):
             # torchvision's policies and Mixup/CutMix draw from the global RNG: seed it per batch
             # (inside fork_rng, so the caller's RNG stream is untouched)
-            torch.manual_seed(batch_seed)
+            torch.default_generator.manual_seed(batch_seed)
             if self.policy is not None:
                 images = apply_policy(images, self.policy, config.policy_chunk)
             images = (images.float() - self.mean) / self.std  # float32 (B, C, H, W)

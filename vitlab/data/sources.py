@@ -13,6 +13,7 @@ from PIL import Image
 
 from .cache import cache_root, load_cached, store
 from .cifar import CIFAR, CIFAR_BATCH_NAMES, decode_cifar, fetch_cifar, is_cifar_names
+from .cpu import one_cpu_thread
 from .folder import SourceFiles, decode_image_folder, is_archive, is_image_name, read_source_files, unreadable_message
 from .image import as_pair, to_uint8_array
 from .imageset import DataSplits, ImageSet, channel_stats
@@ -81,6 +82,11 @@ def load_data(source: str | Path, *, val_size: int | float | None = None, split_
     elif decoded["skipped"]:
         warnings.warn(unreadable_message(path, decoded["skipped"]), stacklevel=2)
 
+    with one_cpu_thread():
+        return _make_splits(decoded, path, val_size, split_seed)
+
+
+def _make_splits(decoded: dict, path: Path, val_size, split_seed: int) -> DataSplits:
     class_names = list(decoded["class_names"])
 
     def image_set(split: str) -> ImageSet | None:
