@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vitlab.data import BatchLoader, augment_preset, load_data
+from vitlab.data.cpu import one_cpu_thread
 
 ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpeg-train.tar.gz"
 
@@ -44,6 +46,42 @@ def loader_throughput(splits, preset: str, batch_size: int, seconds: float, **ov
         if time.perf_counter() - start > seconds:
             break
     return images / (time.perf_counter() - start)
+
+
+def _policy_per_image(args):
+    images, seed = args
+    from vitlab.data.augment import AugmentConfig, apply_policy, build_policy
+
+    torch.default_generator.manual_seed(seed)
+    return apply_policy(images, build_policy(AugmentConfig(policy="randaugment")), chunk=1)
+
+
+def policy_throughput(splits, batch_size: int, seconds: float, workers: int) -> float:
+    """RandAugment alone, every image its own draw: in this process (workers=0) or split over a
+    pool of worker processes, as a DataLoader would. img/s."""
+    import multiprocessing
+
+    batches = (splits.train.images[i:i + batch_size] for i in range(0, len(splits.train), batch_size))
+    pool = multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) if workers else None
+    try:
+        def run(batch, seed):
+            if pool is None:
+                with one_cpu_thread():
+                    return _policy_per_image((batch, seed))
+            per_worker = math.ceil(len(batch) / workers)
+            return torch.cat(pool.map(_policy_per_image, [(batch[i:i + per_worker], seed + i)
+                                                          for i in range(0, len(batch), per_worker)]))
+
+        run(next(batches), 0)  # warm-up (and worker start-up)
+        images, start = 0, time.perf_counter()
+        for seed, batch in enumerate(batches):
+            images += run(batch, seed).shape[0]
+            if time.perf_counter() - start > seconds:
+                break
+        return images / (time.perf_counter() - start)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def small_training_throughput(batch_size: int, steps: int) -> float:
@@ -91,6 +129,9 @@ def main() -> None:
     for chunk in (1, 16):
         results[f"loader_randaugment_chunk{chunk}_img_s"] = round(loader_throughput(
             splits, "light", args.batch_size, args.seconds, policy="randaugment", policy_chunk=chunk))
+    for workers in (0, 2):
+        results[f"randaugment_only_{workers}_workers_img_s"] = round(
+            policy_throughput(splits, args.batch_size, args.seconds, workers))
     results["small_train_bf16_img_s"] = round(small_training_throughput(args.batch_size, args.small_steps), 1)
     slowest = min(results[f"loader_{p}_img_s"] for p in ("none", "light", "strong"))
     results["slowest_preset_over_small_training"] = round(slowest / results["small_train_bf16_img_s"], 1)
@@ -102,8 +143,8 @@ def main() -> None:
     print(f"decode {results['images']:,} images: first {decode_first:.1f} s, from cache {decode_cached:.2f} s")
     print(f"{'loader':32}{'img/s':>10}")
     for key, value in results.items():
-        if key.startswith("loader_"):
-            print(f"{key[7:-6]:32}{value:>10,}")
+        if key.startswith(("loader_", "randaugment_only")):
+            print(f"{key.removeprefix('loader_')[:-6]:32}{value:>10,}")
     print(f"{'small model training (bf16)':32}{results['small_train_bf16_img_s']:>10,}")
     print(f"slowest preset / small training: {results['slowest_preset_over_small_training']}x")
     print(json.dumps(results))

@@ -55,6 +55,8 @@ def test_training_drops_the_partial_batch_and_covers_each_image_once():
                                                   drop_last=False)])
     as_uint8 = (images * 0.5 + 0.5).mul(255).round().to(torch.uint8)
     assert sorted(map(bytes, as_uint8.flatten(1).numpy())) == sorted(map(bytes, data.images.flatten(1).numpy()))
+    tiny = BatchLoader(make_set(5), 8, mean=(0.5,) * 3, std=(0.5,) * 3, train=True)
+    assert len(tiny) == 1 and [len(y) for _, y in tiny] == [5]  # smaller than a batch: not an empty epoch
 
 
 def test_ranks_split_an_epoch_into_disjoint_equal_shares():

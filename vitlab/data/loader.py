@@ -68,7 +68,10 @@ class BatchLoader:
         return order[self.rank::self.world_size]
 
     def _num_batches(self, count: int) -> int:
-        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+        # a set smaller than one batch still gives one (partial) batch rather than an empty epoch
+        if self.drop_last and count >= self.batch_size:
+            return count // self.batch_size
+        return math.ceil(count / self.batch_size)
 
     def __len__(self) -> int:
         n = self.images.shape[0]
