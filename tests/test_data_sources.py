@@ -148,6 +148,21 @@ def test_cache_is_reused_and_a_changed_source_invalidates_it(tmp_path, monkeypat
     assert _pixel(changed.train, 0) == [255, 255, 255] and _pixel(first.train, 0) == [0, 0, 200]
 
 
+def test_asking_for_the_sources_own_size_shares_one_cache_entry(tmp_path, monkeypatch):
+    import vitlab.data.sources as sources
+
+    source = write_tar(tmp_path / "s.tar.gz", folder_files(per_class=3))  # 8x8 RGB
+    explicit = load_data(source, val_size=0, image_size=8, channels=3, cache_dir=tmp_path / "c")
+    decode = sources.decode_source
+    monkeypatch.setattr(sources, "decode_source", lambda *a, **k: pytest.fail("decoded despite a cache"))
+    natural = load_data(source, val_size=0, cache_dir=tmp_path / "c")
+    assert torch.equal(explicit.train.images, natural.train.images)
+    assert len(list((tmp_path / "c" / "decoded").iterdir())) == 1
+    monkeypatch.setattr(sources, "decode_source", decode)
+    assert load_data(source, val_size=0, image_size=4, cache_dir=tmp_path / "c").image_size == (4, 4)
+    assert len(list((tmp_path / "c" / "decoded").iterdir())) == 2
+
+
 def test_bad_sources_give_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no dataset at"):
         load_data(tmp_path / "nowhere", cache_dir=tmp_path)

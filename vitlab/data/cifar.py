@@ -128,7 +128,8 @@ def decode_cifar(read: SourceFiles, source: Path) -> dict:
     top = max(int(s[1].max()) for s in splits.values())
     if len(class_names) <= top:
         raise ValueError(f"{meta_name} names {len(class_names)} classes but labels go up to {top}")
-    return {"splits": splits, "class_names": class_names, "skipped": [], "kind": kind}
+    return {"splits": splits, "class_names": class_names, "skipped": [], "kind": kind,
+            "natural": {"image_size": [32, 32], "channels": 3}}
 
 
 def fetch_cifar(kind: str, root: Path) -> Path:

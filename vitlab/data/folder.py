@@ -113,7 +113,7 @@ def decode_image_folder(read: SourceFiles, source: Path, image_size=None, channe
     'skipped'}. Unreadable images are counted, the first few named in a warning, and left out.
 
     Without image_size the most common size wins; without channels, 1 if every image is grayscale
-    else 3."""
+    else 3 ('natural' records these, whatever was asked)."""
     if read.unsafe:
         warnings.warn(f"{source}: ignored {len(read.unsafe)} archive member(s) that are links or "
                       f"point outside the archive: {', '.join(read.unsafe[:SHOWN_PROBLEMS])}", stacklevel=3)
@@ -132,12 +132,10 @@ def decode_image_folder(read: SourceFiles, source: Path, image_size=None, channe
             skipped.append(name)
     if not headers:
         raise ValueError(f"{source}: none of its {len(names)} images could be read")
-    if image_size is None:
-        (w, h), _ = Counter(size for size, _ in headers.values()).most_common(1)[0]
-        image_size = (h, w)
-    image_size = as_pair(image_size)
-    if channels is None:
-        channels = 1 if all(mode in GRAYSCALE_MODES for _, mode in headers.values()) else 3
+    (w, h), _ = Counter(size for size, _ in headers.values()).most_common(1)[0]
+    natural_channels = 1 if all(mode in GRAYSCALE_MODES for _, mode in headers.values()) else 3
+    image_size = as_pair(image_size) if image_size is not None else (h, w)
+    channels = channels or natural_channels
 
     class_names = sorted({cls for _, cls, name in layout if name in headers})
     class_index = {cls: k for k, cls in enumerate(class_names)}
@@ -160,7 +158,8 @@ def decode_image_folder(read: SourceFiles, source: Path, image_size=None, channe
         raise ValueError(f"{source} has no readable training images (a train/ split or class folders)")
     splits = {split: (np.stack(arrays), np.asarray(labels, dtype=np.int64))
               for split, (arrays, labels) in per_split.items()}
-    return {"splits": splits, "class_names": class_names, "skipped": sorted(skipped)}
+    return {"splits": splits, "class_names": class_names, "skipped": sorted(skipped),
+            "natural": {"image_size": [h, w], "channels": natural_channels}}
 
 
 def unreadable_message(source, skipped: list[str]) -> str:

@@ -20,6 +20,18 @@ from .imageset import DataSplits, ImageSet, channel_stats
 from .splits import resolve_val_size, stratified_split
 
 
+NATURAL = {"image_size": None, "channels": None}  # the cache key of a source decoded as it is
+
+
+def _asks_natural(options: dict, natural: dict) -> bool:
+    return all(options[k] in (None, natural[k]) for k in NATURAL)
+
+
+def _same_shape(decoded: dict, options: dict) -> bool:
+    channels, h, w = next(iter(decoded["splits"].values()))[0].shape[1:]
+    return _asks_natural(options, {"image_size": [h, w], "channels": channels})
+
+
 def _wanted(name: str) -> bool:
     return is_image_name(name) or posixpath.basename(name) in CIFAR_BATCH_NAMES
 
@@ -72,10 +84,15 @@ def load_data(source: str | Path, *, val_size: int | float | None = None, split_
     options = {"image_size": list(as_pair(image_size)) if image_size is not None else None,
                "channels": channels}
     decoded = load_cached(path, options, root)
+    if decoded is None and options != NATURAL:
+        # an explicit size/channels equal to the source's own reuse the entry stored for it
+        natural = load_cached(path, NATURAL, root)
+        decoded = natural if natural is not None and _same_shape(natural, options) else None
     if decoded is None:
         decoded = decode_source(path, image_size, channels)
+        key = NATURAL if _asks_natural(options, decoded["natural"]) else options
         try:
-            store(path, options, root, decoded)
+            store(path, key, root, decoded)
         except OSError as error:
             warnings.warn(f"could not write the data cache under {root} ({error}); the next load "
                           "decodes again", stacklevel=2)
