@@ -10,10 +10,20 @@ from .model import (
     resample_position_embedding,
 )
 from .presets import create_model, list_models
+from .checkpoint import load_checkpoint as load
+from .classifier import Classifier
+from .config import TrainConfig, train_preset
+from .trainer import TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Classifier",
+    "TrainConfig",
+    "TrainResult",
+    "load",
+    "train",
+    "train_preset",
     "PatchEmbedding",
     "TransformerEncoderBlock",
     "ViTConfig",

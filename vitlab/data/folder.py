@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image import GRAYSCALE_MODES, as_pair, open_image, to_uint8_array
+from .image import GRAYSCALE_MODES, as_pair, decode_opened, to_uint8_array
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -122,36 +122,39 @@ def decode_image_folder(read: SourceFiles, source: Path, image_size=None, channe
     names = sorted(read.files)
     layout = _layout(names, source)
 
-    # Opening reads only the header: sizes and modes decide the target before anything is decoded.
-    headers, skipped = {}, []
+    # Opening parses only the header: sizes and modes decide the target before anything is decoded,
+    # and the opened images are decoded next without parsing their headers again.
+    opened, skipped = {}, []
     for name in names:
         try:
-            with Image.open(io.BytesIO(read.files[name])) as image:
-                headers[name] = (image.size, image.mode)
+            opened[name] = Image.open(io.BytesIO(read.files[name]))
         except Exception:  # noqa: BLE001 - any header failure means the file is unreadable
             skipped.append(name)
-    if not headers:
+    read.files.clear()  # the opened images hold what they need
+    if not opened:
         raise ValueError(f"{source}: none of its {len(names)} images could be read")
-    (w, h), _ = Counter(size for size, _ in headers.values()).most_common(1)[0]
-    natural_channels = 1 if all(mode in GRAYSCALE_MODES for _, mode in headers.values()) else 3
+    (w, h), _ = Counter(image.size for image in opened.values()).most_common(1)[0]
+    natural_channels = 1 if all(image.mode in GRAYSCALE_MODES for image in opened.values()) else 3
     image_size = as_pair(image_size) if image_size is not None else (h, w)
     channels = channels or natural_channels
 
-    class_names = sorted({cls for _, cls, name in layout if name in headers})
+    class_names = sorted({cls for _, cls, name in layout if name in opened})
     class_index = {cls: k for k, cls in enumerate(class_names)}
     per_split: dict[str, tuple[list, list]] = {}
     for split, cls, name in layout:
-        if name not in headers:
+        image = opened.pop(name, None)
+        if image is None:
             continue
         try:
-            array = to_uint8_array(open_image(read.files[name], name), image_size, channels)
+            array = to_uint8_array(decode_opened(image, name), image_size, channels)
         except ValueError:
             skipped.append(name)
             continue
+        finally:
+            image.close()
         arrays, labels = per_split.setdefault(split, ([], []))
         arrays.append(array)
         labels.append(class_index[cls])
-        read.files[name] = b""  # free the encoded bytes as we go
     if skipped:
         warnings.warn(unreadable_message(source, sorted(skipped)), stacklevel=3)
     if "train" not in per_split:

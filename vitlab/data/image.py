@@ -62,14 +62,21 @@ def to_uint8_array(image: Image.Image, image_size: tuple[int, int], channels: in
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def open_image(data: bytes, name: str) -> Image.Image:
-    """Decodes image bytes fully (so truncated files fail here, not later); ValueError names the file."""
+def decode_opened(image: Image.Image, name: str) -> Image.Image:
+    """Decodes an opened image fully (so truncated files fail here, not later); ValueError names the file."""
     try:
-        image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {name}: {error}") from None
     return image
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {name}: {error}") from None
+    return decode_opened(image, name)
 
 
 def as_pair(size: int | tuple[int, int]) -> tuple[int, int]:

@@ -1,0 +1,118 @@
+"""A trained model that knows its classes and preprocessing: what vitlab.load returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import VisionTransformer
+
+
+class Classifier(nn.Module):
+    """A VisionTransformer plus class names and the normalisation it was trained with.
+
+    forward() takes normalised float images; preprocess() turns PIL images, paths, or uint8 /
+    float [0, 1] tensors of any size and mode into that batch with the training-time conversion
+    (vitlab.data.load_image), so predict() and embed() accept raw images directly.
+    """
+
+    def __init__(self, model: VisionTransformer, class_names: Sequence[str] | None = None,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
+        super().__init__()
+        self.model = model
+        k = model.config.num_classes
+        self.class_names = list(class_names or model.config.class_names or [str(i) for i in range(k)])
+        if len(self.class_names) != k:
+            raise ValueError(f"{len(self.class_names)} class names for a model with {k} classes")
+        c = model.config.in_channels
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean/std need {c} values (one per input channel), got {len(mean)}/{len(std)}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.metadata: dict[str, Any] = {}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.model.patch_embedding.image_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.config.in_channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.head.weight.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # (B, C, H, W) normalised -> (B, K)
+
+    # ---------------------------------------------------------------- preprocessing
+    def _to_uint8(self, image) -> torch.Tensor:
+        """One image of any kind -> uint8 (C, H, W) at the model's size and channel count."""
+        from PIL import Image
+
+        from .data import load_image
+
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3:
+                raise ValueError(f"expected an image tensor (C, H, W), got shape {tuple(image.shape)}")
+            if image.dtype.is_floating_point:
+                image = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+            if tuple(image.shape) == (self.in_channels, *self.image_size):
+                return image.cpu()
+            # other sizes/channel counts go through the same PIL conversion as training data
+            array = image.cpu().permute(1, 2, 0).numpy()
+            image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        elif not isinstance(image, (Image.Image, str, Path)):
+            raise ValueError(f"cannot classify a {type(image).__name__}: pass PIL images, paths or tensors")
+        return load_image(image, self.image_size, self.in_channels)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL image(s), path(s), a uint8/float tensor (C, H, W) or batch (B, C, H, W) -> normalised
+        float batch (B, C, H, W) on the model's device. Float tensors are taken as [0, 1] pixels."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        batch = torch.stack([self._to_uint8(i) for i in images]).to(self.device)  # uint8 (B, C, H, W)
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return (batch.float() / 255 - mean) / std
+
+    # ---------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def probabilities(self, images) -> torch.Tensor:
+        """Softmax class probabilities (B, K)."""
+        self.eval()
+        return F.softmax(self(self.preprocess(images)).float(), dim=-1)
+
+    def predict(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """For each image, the top_k (class name, probability) pairs, most likely first."""
+        probs = self.probabilities(images)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)  # (B, k)
+        return [[(self.class_names[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
+                for vs, ix in zip(values, indices)]
+
+    @torch.inference_mode()
+    def embed(self, images, pooling: str | None = None) -> torch.Tensor:
+        """Pre-logits features (B, D): the pooled, normalised token the head classifies.
+
+        pooling=None uses the model's own ("cls" or "mean"); pass the other to compare.
+        """
+        self.eval()
+        tokens = self.model.forward_features(self.preprocess(images))  # (B, T, D)
+        if pooling is None:
+            pooled = self.model.pool(tokens)
+        elif pooling == "cls":
+            pooled = tokens[:, 0]
+        elif pooling == "mean":
+            pooled = tokens[:, 1:].mean(dim=1)
+        else:
+            raise ValueError(f"pooling must be None, 'cls' or 'mean', got {pooling!r}")
+        return self.model.head_norm(pooled).float()  # (B, D)
