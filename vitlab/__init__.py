@@ -10,6 +10,7 @@ from .model import (
     resample_position_embedding,
 )
 from .presets import create_model, list_models
+from .inference import inference_model
 from .checkpoint import load_checkpoint as load
 from .classifier import Classifier
 from .config import TrainConfig, train_preset
@@ -18,6 +19,7 @@ from .trainer import TrainResult, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "inference_model",
     "Classifier",
     "TrainConfig",
     "TrainResult",

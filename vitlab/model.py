@@ -83,6 +83,35 @@ class ViTConfig:
         return cls(**d)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout with a cheaper mask on CPU; the same distribution up to p rounded to 1/65536.
+
+    On CPU, PyTorch draws the dropout mask one Bernoulli sample at a time; on this project's
+    2-core AMD machine that cost ~25% of a training step of the `seed` preset (dropout 0.1).
+    Here every 64-bit random word gives four 16-bit uniform integers u, and an element is kept
+    when u >= round(p * 65536): 8x fewer random numbers, and the kept values are scaled by
+    1 / P(keep) exactly, so the expectation is unchanged. CUDA keeps F.dropout (Philox, fast).
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+        return F.dropout(x, p, training)
+    threshold = round(p * 65536)
+    keep_probability = 1.0 - threshold / 65536
+    # random_(-2**63, None) draws all 64 bits of each word
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    uniform16 = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform in [-32768, 32767]
+    keep = uniform16 >= threshold - 32768  # P = (65536 - threshold) / 65536
+    return torch.where(keep, x, 0.0) * (1.0 / keep_probability)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same name, same repr, no parameters) running `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class PatchEmbedding(nn.Module):
     """Cuts the image into non-overlapping P x P patches and projects each to D dims.
 
@@ -112,7 +141,8 @@ class PatchEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through F.scaled_dot_product_attention.
 
-    SDPA dispatches to flash / memory-efficient kernels on GPU and a fused flash kernel on CPU.
+    SDPA dispatches to flash / memory-efficient kernels on GPU and a fused flash kernel on CPU;
+    on CPU in bf16 or with attention dropout, two batched matmuls are faster (see forward).
     `reference_forward` is the textbook softmax(QK^T / sqrt(d)) V, kept for tests and for
     returning attention maps, which the fused kernels never materialise.
     """
@@ -126,23 +156,42 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim)  # (B, T, 3, h, d)
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = qkv.shape
+        qkv = qkv.reshape(b, t, 3, self.heads, self.head_dim)  # (B, T, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, T, d)
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self._split_heads(x)
         dropout_p = self.attention_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, d)
-        return self.proj(x.transpose(1, 2).reshape(b, t, d))
+        qkv = self.qkv(x)  # (B, T, 3D); bf16 under autocast or for a bf16 model
+        if x.device.type == "cpu" and (qkv.dtype == torch.bfloat16 or dropout_p > 0.0):
+            # On CPU, SDPA's flash kernel is slow for ViT's short sequences in bf16 (at T=65 its
+            # backward takes ~5x as long as two batched matmuls), and with dropout SDPA falls
+            # back to a math path with the slow Bernoulli sampler. Measured in BENCHMARKS.md.
+            out = self._attend_with_matmuls(qkv, dropout_p)  # (B, T, D)
+        else:
+            q, k, v = self._split_heads(qkv)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, d)
+            out = out.transpose(1, 2).reshape(b, t, d)
+        return self.proj(out)
+
+    def _attend_with_matmuls(self, qkv: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d)) V with batched matmuls over (B*h) heads; (B, T, 3D) -> (B, T, D)."""
+        b, t, _ = qkv.shape
+        h, hd = self.heads, self.head_dim
+        # one copy into head-major layout, then every matmul reads contiguous (T, d) blocks
+        q, k, v = qkv.reshape(b, t, 3, h, hd).permute(2, 0, 3, 1, 4).reshape(3, b * h, t, hd).unbind(0)
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(self.scale)  # (B*h, T, T)
+        weights = dropout(scores.softmax(dim=-1), dropout_p, self.training)
+        out = torch.bmm(weights, v)  # (B*h, T, d)
+        return out.reshape(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)
 
     def reference_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, attention weights (B, h, T, T) before dropout)."""
         b, t, d = x.shape
-        q, k, v = self._split_heads(x)
+        q, k, v = self._split_heads(self.qkv(x))
         weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
         dropped = F.dropout(weights, self.attention_dropout, self.training)
         out = (dropped @ v).transpose(1, 2).reshape(b, t, d)
@@ -156,9 +205,9 @@ class MLP(nn.Sequential):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
+        self.drop1 = Dropout(dropout)
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop2 = Dropout(dropout)
 
 
 class LayerScale(nn.Module):
@@ -291,7 +340,7 @@ class VisionTransformer(nn.Module):
         num_patches = self.patch_embedding.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, dim))  # (1, T, D)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         drop_rates = [config.drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             TransformerEncoderBlock(
@@ -407,6 +456,8 @@ class VisionTransformer(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, T, D) with [CLS] and position embedding added."""
         grid = self._check_input(images)
+        # a model cast to bf16 for inference (vitlab.inference) takes the usual fp32 images
+        images = images.to(self.patch_embedding.projection.weight.dtype)
         x = self.patch_embedding(images)  # (B, N, D)
         pos = self.pos_embedding
         if grid != self.grid_size:

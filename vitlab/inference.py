@@ -1,0 +1,125 @@
+"""Fast inference: a copy of a model whose weights are bf16, cast once.
+
+Under torch.autocast every Linear casts its fp32 weight to bf16 on every call and every
+LayerNorm output is cast again before the next matmul. With nothing to train, the weights can
+be bf16 once and for all. Precision stays where it matters: the CPU and GPU kernels for matmul,
+LayerNorm and softmax accumulate bf16 inputs in fp32, and the logits are returned in fp32.
+Buffers (such as a Classifier's normalisation mean and std) stay fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether `device` runs bf16 matmuls natively (AVX512-BF16/AMX on CPU; Ampere+ on CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # without AVX512-BF16 or AMX, oneDNN emulates bf16 and it is slower than fp32
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def default_precision(device: torch.device | str) -> str:
+    """bf16 wherever the hardware has it, else fp32."""
+    return "bf16" if bf16_supported(device) else "fp32"
+
+
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """A bf16 nn.Linear for CPU inference, optionally followed by GELU, in one oneDNN call.
+
+    The weight is reordered once into oneDNN's blocked layout (nn.Linear reorders it on every
+    call), the bias add and GELU run inside the matmul while its output is still in cache, and
+    the GELU is applied before rounding to bf16. This is what torch.compile's freezing pass does
+    for CPU inference, done eagerly with no compilation. Keeps `weight` and `bias` under their
+    nn.Linear names, so the state_dict is unchanged.
+    """
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = activation
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16),
+                                                           requires_grad=False)
+        # an opaque oneDNN tensor: not a buffer, so it never enters state_dict or .to()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # "none" is oneDNN's exact (erf) GELU, as nn.GELU()
+        algorithm = "none" if self.activation == "gelu" else ""
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), self.packed_weight,
+                                                  self.bias, self.activation, [], algorithm)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Swaps every nn.Linear in `module` for a PackedLinear, fusing an exact nn.GELU that
+    directly follows one inside an nn.Sequential (vitlab's MLP: fc1, act, ...) into it."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, PackedLinear(child))
+        else:
+            pack_linears(child)
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        for (name, child), (next_name, following) in zip(children, children[1:]):
+            if (isinstance(child, PackedLinear) and child.activation == "none"
+                    and isinstance(following, nn.GELU) and following.approximate == "none"):
+                child.activation = "gelu"
+                setattr(module, next_name, nn.Identity())
+
+
+class LowPrecisionModel(nn.Module):
+    """Runs `module` (already cast) and hands back fp32 outputs; `.module` is the cast copy."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self.module(*args, **kwargs)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+def inference_model(model: nn.Module, precision: str = "bf16") -> nn.Module:
+    """An eval-mode model for `precision`: for "fp32" `model` itself (put in eval mode), for
+    "bf16" a copy with bf16 parameters wrapped so that it takes and returns fp32 tensors; on CPU
+    its Linear layers become PackedLinear (so that copy stays on the CPU).
+
+    The copy costs one model's worth of bf16 memory; `model` is left untouched.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return model.eval()
+    cast = copy.deepcopy(model).eval()
+    for param in cast.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.bfloat16)
+    on_cpu = all(p.device.type == "cpu" for p in cast.parameters())
+    if on_cpu and onednn_linear_available():
+        pack_linears(cast)
+    return LowPrecisionModel(cast).eval()
