@@ -13,6 +13,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg-train.tar.gz"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tests never touch the user's ~/.cache/vitlab; one cache for the session, so the real
+    archive is decoded once however many tests read it."""
+    import os
+
+    old = os.environ.get("VITLAB_CACHE")
+    os.environ["VITLAB_CACHE"] = str(tmp_path_factory.mktemp("vitlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITLAB_CACHE", None)
+    else:
+        os.environ["VITLAB_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
