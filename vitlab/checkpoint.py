@@ -143,9 +143,11 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
             f"directory whose first epoch finished?"
         )
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run directory or a .safetensors file")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run directory or a "
+                                f".safetensors file")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path} is not a .safetensors checkpoint; pass a run directory or a .safetensors file")
+        raise ValueError(f"{path} is not a .safetensors checkpoint; pass a run directory or a "
+                         f".safetensors file")
     return path
 
 
@@ -158,7 +160,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as error:
-        raise ValueError(f"{path} is corrupt or truncated and cannot be read as safetensors ({error})") from None
+        raise ValueError(f"{path} is corrupt or truncated and cannot be read as safetensors "
+                         f"({error})") from None
     if raw.get("format") != FORMAT or "model_config" not in raw:
         raise ValueError(
             f"{path} is a safetensors file without vitlab metadata (model config, class names); "
@@ -230,12 +233,14 @@ def save_training_state(path: str | Path, state: dict) -> Path:
 def load_training_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run has no resumable state (did its first epoch finish?)")
+        raise FileNotFoundError(f"{path} does not exist: the run has no resumable state (did its first "
+                                f"epoch finish?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is corrupt or truncated and cannot be resumed from ({first_line})") from None
+        raise ValueError(f"{path} is corrupt or truncated and cannot be resumed from "
+                         f"({first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a vitlab training state file")
     if tensor_digest(state["model"]) != state["model_digest"]:

@@ -66,7 +66,8 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown training config keys: {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
         return cls(**d)
 
 

@@ -78,7 +78,9 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
     from .data import BatchLoader, load_data
     from .trainer import resolve_precision
 
-    run_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_device = torch.device(device)
     classifier = load_checkpoint(checkpoint, device=run_device)
     trained_on = classifier.metadata.get("data") or {}
     if val_size is None:

@@ -22,7 +22,8 @@ class FilePrediction:
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "predictions": [{"class": c, "probability": round(p, 6)} for c, p in self.top]}
+        top = [{"class": c, "probability": round(p, 6)} for c, p in self.top]
+        return {"path": self.path, "predictions": top}
 
 
 def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[FilePrediction]]:
@@ -63,7 +64,8 @@ def predict_files(classifier: Classifier, inputs: list[str | Path], *, top_k: in
         good, tensors = [], []
         for path in chunk:
             try:
-                tensors.append(load_image(path, classifier.image_size, classifier.in_channels))  # uint8 (C, H, W)
+                image = load_image(path, classifier.image_size, classifier.in_channels)  # uint8 (C, H, W)
+                tensors.append(image)
                 good.append(path)
             except (ValueError, OSError) as error:
                 results.append(FilePrediction(str(path), None, str(error)))

@@ -364,10 +364,12 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
 
     if config.batch_size % runtime.world_size:
-        raise ValueError(f"batch_size {config.batch_size} must divide evenly among {runtime.world_size} processes")
+        raise ValueError(f"batch_size {config.batch_size} must divide evenly among "
+                         f"{runtime.world_size} processes")
     augment = augment_preset(config.augment, **config.augment_overrides)
-    train_loader = BatchLoader(train_set, config.batch_size // runtime.world_size, mean=data.mean, std=data.std,
-                               train=True, augment=augment, device=runtime.device, seed=config.seed,
+    per_process_batch = config.batch_size // runtime.world_size
+    train_loader = BatchLoader(train_set, per_process_batch, mean=data.mean, std=data.std, train=True,
+                               augment=augment, device=runtime.device, seed=config.seed,
                                rank=runtime.rank, world_size=runtime.world_size)
     val_loader = (BatchLoader(data.val, config.eval_batch_size, mean=data.mean, std=data.std, train=False,
                               device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
@@ -413,7 +415,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
             f"{'bf16 autocast' if runtime.bf16 else 'fp32'} on {runtime.device}"
             f"{f' x {runtime.world_size} processes' if runtime.distributed else ''}; run dir {run_dir}")
 
-    metadata = {"data": {"source": str(config.data), "val_size": config.val_size, "split_seed": config.split_seed}}
+    # eval rebuilds the same validation split from this
+    metadata = {"data": {"source": str(config.data), "val_size": config.val_size,
+                         "split_seed": config.split_seed}}
 
     def save(epoch: int, step_in_epoch: int, rng_state: torch.Tensor, scores: dict | None) -> None:
         """last.safetensors + last.state.pt, and best.safetensors when the epoch improved on it."""
@@ -437,7 +441,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                             state_dict=chosen, extra=extra)
         ckpt.save_training_state(run_dir / ckpt.STATE_FILE, {
             "format": ckpt.FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "model": weights, "model_digest": ckpt.tensor_digest(weights), "model_config": model.config.to_dict(),
+            "model": weights, "model_digest": ckpt.tensor_digest(weights),
+            "model_config": model.config.to_dict(),
             "optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "rng": {"torch": rng_state}, "best_val_top1": best, "partial_epoch": dict(partial),
         })
@@ -468,15 +473,14 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
                         logits = train_model(images)  # (B, K)
                     loss = soft_cross_entropy(logits, targets, config.label_smoothing)
-                    # one reduction tells every rank about a bad loss or a Ctrl-C anywhere, so they stop together
-                    flags = _all_reduce_sum(torch.stack([loss.detach().float(),
-                                                         torch.tensor(float(stop.requested), device=loss.device)]),
-                                            runtime)
+                    # one reduction tells every rank about a bad loss or a Ctrl-C anywhere: all stop together
+                    stop_flag = torch.tensor(float(stop.requested), device=loss.device)
+                    flags = _all_reduce_sum(torch.stack([loss.detach().float(), stop_flag]), runtime)
                     if not torch.isfinite(flags[0]):
                         raise TrainingDiverged(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {batch_number + 1}; stopped and "
-                            f"kept the last good checkpoint in {run_dir}. Lower --lr, keep --clip-grad on, or try "
-                            f"--precision fp32")
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {batch_number + 1}; "
+                            f"stopped and kept the last good checkpoint in {run_dir}. Lower --lr, keep "
+                            f"--clip-grad on, or try --precision fp32")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if config.clip_grad:
@@ -492,8 +496,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     elapsed = time.perf_counter() - start_time
                     if progress is not None:
                         progress.update(1)
-                        progress.set_postfix_str(f"loss {sums[0] / sums[2]:.3f}  lr {lr:.2e}  "
-                                                 f"{sums[2] * runtime.world_size / elapsed:.0f} img/s", refresh=False)
+                        speed = sums[2] * runtime.world_size / elapsed
+                        progress.set_postfix_str(
+                            f"loss {sums[0] / sums[2]:.3f}  lr {lr:.2e}  {speed:.0f} img/s", refresh=False)
                     partial = {"loss": float(sums[0]), "correct": float(sums[1]), "seen": float(sums[2]),
                                "seconds": elapsed}
                     on_step_end(epoch, step_in_epoch)
@@ -516,7 +521,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
             # ---- end of epoch: metrics from every rank, evaluation of the model and its EMA
             sums = _all_reduce_sum(sums, runtime)
-            row = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2]), "train_top1": float(sums[1] / sums[2]),
+            row = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2]),
+                   "train_top1": float(sums[1] / sums[2]),
                    "lr": learning_rate(global_step - 1, total_steps, warmup_steps, config.lr, config.min_lr)}
             scores = {}
             if val_loader is not None:
@@ -524,7 +530,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 scores.update(val_loss=result.loss, val_top1=result.top1, val_top5=result.top5)
                 if ema is not None:
                     ema_model = _ema_model(model, ema)
-                    ema_result = evaluate(ema_model, val_loader, data.num_classes, bf16=runtime.bf16, runtime=runtime)
+                    ema_result = evaluate(ema_model, val_loader, data.num_classes, bf16=runtime.bf16,
+                                          runtime=runtime)
                     scores.update(ema_val_loss=ema_result.loss, ema_val_top1=ema_result.top1,
                                   ema_val_top5=ema_result.top5)
             row.update(scores)

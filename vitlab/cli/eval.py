@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="top-1/top-5/per-class accuracy of a checkpoint on a dataset split")
+    p = subparsers.add_parser("eval", help="top-1/top-5/per-class accuracy of a checkpoint on a split")
     p.add_argument("checkpoint", nargs="?", help="run directory (its best checkpoint) or .safetensors file")
     p.add_argument("--data", required=True, help="dataset source, as for vitlab train")
     p.add_argument("--split", default="val", choices=["val", "test", "train"],
@@ -26,7 +26,9 @@ def run(args) -> int:
     from ..evaluate import evaluate_checkpoint, plot_confusion_matrix
 
     path = resolve_checkpoint(args.checkpoint)
-    val_size = None if args.val_size is None else (int(args.val_size) if args.val_size >= 1 else args.val_size)
+    val_size = args.val_size
+    if val_size is not None and val_size >= 1:
+        val_size = int(val_size)
     result = evaluate_checkpoint(path, args.data, split=args.split, val_size=val_size,
                                  batch_size=args.batch_size, precision=args.precision)
     png = Path(args.confusion) if args.confusion else path.parent / f"confusion-{path.stem}-{args.split}.png"

@@ -17,8 +17,10 @@ def _split_checkpoint(inputs: list[str]) -> tuple[str | None, list[str]]:
     """The first input is the checkpoint when it is a run directory or a .safetensors file."""
     from pathlib import Path
 
+    from ..checkpoint import WEIGHT_FILES
+
     first = Path(inputs[0])
-    is_run_dir = first.is_dir() and any((first / n).is_file() for n in ("best.safetensors", "last.safetensors"))
+    is_run_dir = first.is_dir() and any((first / name).is_file() for name in WEIGHT_FILES)
     if is_run_dir or first.suffix == ".safetensors":
         return inputs[0], inputs[1:]
     return None, inputs

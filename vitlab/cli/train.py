@@ -56,9 +56,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-FLAG_FIELDS = ("data", "out", "model", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs",
-               "label_smoothing", "clip_grad", "ema_decay", "precision", "compile", "augment", "subset", "seed",
-               "device")
+FLAG_FIELDS = ("data", "out", "model", "epochs", "batch_size", "lr", "min_lr", "weight_decay",
+               "warmup_epochs", "label_smoothing", "clip_grad", "ema_decay", "precision", "compile", "augment",
+               "subset", "seed", "device")
 
 
 def run(args) -> int:
