@@ -15,11 +15,18 @@ from .checkpoint import load_checkpoint as load
 from .classifier import Classifier
 from .config import TrainConfig, train_preset
 from .trainer import TrainResult, train
+from .attention import attention_maps, plot_attention
+from .export import export_model
+from .summary import summarize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "inference_model",
+    "attention_maps",
+    "export_model",
+    "plot_attention",
+    "summarize",
     "Classifier",
     "TrainConfig",
     "TrainResult",

@@ -1,0 +1,30 @@
+"""The model argument shared by `vitlab attention`, `summary` and `export`: a checkpoint (run
+directory or .safetensors file) or a preset name, which builds that preset with random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_preset_option(parser) -> None:
+    parser.add_argument("--preset", metavar="NAME",
+                        help="use this model preset with random weights instead of a checkpoint")
+
+
+def load_model_source(source: str | None, preset: str | None = None):
+    """(vitlab.Classifier, one-line description of where it came from)."""
+    from ..checkpoint import load_checkpoint
+    from ..classifier import Classifier
+    from ..presets import PRESETS, create_model
+    from . import CLIError
+
+    if source is not None and preset is not None:
+        raise CLIError(f"give either a checkpoint ({source}) or --preset {preset}, not both")
+    if preset is None and source in PRESETS and not Path(source).exists():
+        preset = source
+    if preset is not None:
+        return Classifier(create_model(preset)).eval(), f"preset {preset} (random weights)"
+    if source is None:
+        raise CLIError("no model given: pass a CHECKPOINT (a run directory or .safetensors file) "
+                       f"or a preset name ({', '.join(PRESETS)}) for random weights")
+    return load_checkpoint(source), str(source)
