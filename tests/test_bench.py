@@ -167,6 +167,10 @@ def test_bf16_inference_copy_agrees_with_fp32_and_leaves_the_model_alone():
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
     for key, value in model.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, before[key])
+    unpacked = inference_model(model, "bf16", pack=False)  # what --compile traces
+    assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(unpacked(x), logits, atol=0.05 * reference.abs().max().item(), rtol=0)
 
 
 def test_fp32_inference_model_is_the_model_in_eval_mode():
@@ -195,3 +199,23 @@ def test_bf16_inference_copy_fuses_gelu_into_the_first_mlp_layer():
     assert isinstance(mlp.fc1, PackedLinear) and mlp.fc1.activation == "gelu"
     assert isinstance(mlp.act, torch.nn.Identity) and mlp.fc2.activation == "none"
     assert fast.state_dict().keys() == vitlab.create_model("nano", **TINY).state_dict().keys()
+
+
+@pytest.mark.slow
+def test_bench_compile_option_times_compiled_vitlab_and_timm_beside_eager(bench_test_preset):
+    report = run_benchmark(BenchConfig(preset=bench_test_preset, batch_size=2, precisions=("fp32",),
+                                       rounds=1, train_steps=1, inference_steps=1, matmul_size=64,
+                                       compile=True), log=lambda line: None)
+    assert [r.implementation for r in report.results] == ["vitlab", "vitlab+compile", "timm",
+                                                          "timm+compile", "seed"]
+    assert all(r.train_img_s > 0 and r.inference_img_s > 0 for r in report.results)
+
+
+@pytest.mark.slow
+def test_model_with_dropout_compiles_as_one_graph():
+    # under torch.compile the CPU dropout path hands over to inductor's own random numbers
+    model = vitlab.VisionTransformer(**tiny_vit_kwargs(dropout=0.1))
+    compiled = torch.compile(model, fullgraph=True)  # a graph break would raise
+    logits = compiled(torch.randn(2, 3, 16, 16))
+    logits.sum().backward()
+    assert torch.isfinite(model.head.weight.grad).all()

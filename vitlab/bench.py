@@ -131,6 +131,8 @@ def build_contenders(models: dict[str, nn.Module], config: BenchConfig,
             contenders.append(Contender(name, precision, train_mode, inference_mode, model, model,
                                         inference_forward, make_optimizer(model, device)))
             if config.compile and name in ("vitlab", "timm"):
+                if inference_mode == "bf16 weights":
+                    inference_forward = inference_model(model, "bf16", pack=False)
                 contenders.append(Contender(
                     f"{name}+compile", precision, train_mode, inference_mode, model,
                     torch.compile(model), torch.compile(inference_forward),

@@ -104,10 +104,11 @@ class LowPrecisionModel(nn.Module):
         return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
 
 
-def inference_model(model: nn.Module, precision: str = "bf16") -> nn.Module:
+def inference_model(model: nn.Module, precision: str = "bf16", pack: bool = True) -> nn.Module:
     """An eval-mode model for `precision`: for "fp32" `model` itself (put in eval mode), for
     "bf16" a copy with bf16 parameters wrapped so that it takes and returns fp32 tensors; on CPU
-    its Linear layers become PackedLinear (so that copy stays on the CPU).
+    its Linear layers become PackedLinear unless `pack` is False (torch.compile cannot trace the
+    packed oneDNN weights: compile the unpacked copy), and that copy stays on the CPU.
 
     The copy costs one model's worth of bf16 memory; `model` is left untouched.
     """
@@ -120,6 +121,6 @@ def inference_model(model: nn.Module, precision: str = "bf16") -> nn.Module:
         if param.is_floating_point():
             param.data = param.data.to(torch.bfloat16)
     on_cpu = all(p.device.type == "cpu" for p in cast.parameters())
-    if on_cpu and onednn_linear_available():
+    if pack and on_cpu and onednn_linear_available():
         pack_linears(cast)
     return LowPrecisionModel(cast).eval()

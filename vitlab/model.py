@@ -90,11 +90,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     2-core AMD machine that cost ~25% of a training step of the `seed` preset (dropout 0.1).
     Here every 64-bit random word gives four 16-bit uniform integers u, and an element is kept
     when u >= round(p * 65536): 8x fewer random numbers, and the kept values are scaled by
-    1 / P(keep) exactly, so the expectation is unchanged. CUDA keeps F.dropout (Philox, fast).
+    1 / P(keep) exactly, so the expectation is unchanged. CUDA keeps F.dropout (Philox, fast),
+    and so does torch.compile, whose generated code draws its own vectorised random numbers.
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0.0 < p < 1.0:
         return F.dropout(x, p, training)
     threshold = round(p * 65536)
     keep_probability = 1.0 - threshold / 65536
