@@ -152,9 +152,10 @@ def plot_attention(
     if title:
         headline = f"{title}\n{headline}"
 
-    cell = 0.9  # inches per head map
+    cell = 0.9  # inches per head map (width)
+    aspect = height / width  # wide images get flatter panels instead of white space
     big = max(2.4, cell * layers / 2)
-    fig = plt.figure(figsize=(big + 0.6 + cell * heads + 0.4, max(2 * big, cell * layers) + 1.2),
+    fig = plt.figure(figsize=(big + 0.6 + cell * heads + 0.4, max(2 * big, cell * layers) * aspect + 1.2),
                      layout="constrained")
     outer = fig.add_gridspec(1, 2, width_ratios=[big, cell * heads])
     left = outer[0].subgridspec(2, 1)
@@ -182,7 +183,7 @@ def plot_attention(
             if layer == 0:
                 ax.set_title(f"head {head + 1}", fontsize=9)
             if head == 0:
-                ax.set_ylabel(f"layer {layer + 1}", fontsize=9)
+                ax.set_ylabel(f"layer {layer + 1}", fontsize=9, rotation=0, ha="right", va="center")
     fig.suptitle(f"{headline}\nright: {maps.query} attention of each head (each map scaled to its max)",
                  fontsize=11)
     out = Path(out)
