@@ -27,4 +27,7 @@ def load_model_source(source: str | None, preset: str | None = None):
     if source is None:
         raise CLIError("no model given: pass a CHECKPOINT (a run directory or .safetensors file) "
                        f"or a preset name ({', '.join(PRESETS)}) for random weights")
+    if not Path(source).exists():
+        raise CLIError(f"{source} is neither a checkpoint (no such file or directory) nor a model preset "
+                       f"({', '.join(PRESETS)})")
     return load_checkpoint(source), str(source)
