@@ -137,10 +137,9 @@ def plot_attention(
     Each head's map is scaled to its own maximum, so the grid shows where each head looks rather
     than which head is most peaked.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure draws with the Agg canvas without touching pyplot's global backend, so this
+    # works headless and leaves a notebook's inline plotting alone.
+    from matplotlib.figure import Figure
 
     pixels = _display_image(image)
     height, width = pixels.shape[:2]
@@ -155,8 +154,8 @@ def plot_attention(
     cell = 0.9  # inches per head map (width)
     aspect = height / width  # wide images get flatter panels instead of white space
     big = max(2.4, cell * layers / 2)
-    fig = plt.figure(figsize=(big + 0.6 + cell * heads + 0.4, max(2 * big, cell * layers) * aspect + 1.2),
-                     layout="constrained")
+    fig = Figure(figsize=(big + 0.6 + cell * heads + 0.4, max(2 * big, cell * layers) * aspect + 1.2),
+                 layout="constrained")
     outer = fig.add_gridspec(1, 2, width_ratios=[big, cell * heads])
     left = outer[0].subgridspec(2, 1)
     grey = "gray" if pixels.ndim == 2 else None
@@ -188,5 +187,4 @@ def plot_attention(
                  fontsize=11)
     out = Path(out)
     fig.savefig(out, dpi=80)
-    plt.close(fig)
     return out
