@@ -342,8 +342,12 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     # ---- data: the model's input size and channels decide how images are converted
     wanted = preset_config(config.model, **config.model_overrides)
+    if runtime.distributed and not runtime.is_main:
+        torch.distributed.barrier()  # rank 0 decodes and fills the cache first; the others then read it
     data = load_data(config.data, val_size=config.val_size, split_seed=config.split_seed,
                      image_size=wanted.image_size, channels=wanted.in_channels)
+    if runtime.distributed and runtime.is_main:
+        torch.distributed.barrier()
     train_set = data.train
     if config.subset is not None:
         train_set = train_set.subset(balanced_subset_indices(train_set.labels, config.subset))
