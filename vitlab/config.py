@@ -71,8 +71,8 @@ class TrainConfig:
         return cls(**d)
 
 
-# Recipes sized for where each model trains. The nano recipe is the README's main job: about a
-# quarter of an hour on a 2-core AVX512-BF16 CPU (measured in the README), so few epochs, a short
+# Recipes sized for where each model trains. The nano recipe is the README's main job: about ten
+# minutes on an idle 2-core AVX512-BF16 CPU (measured in the README), so few epochs, a short
 # warmup, a high peak lr and a fast EMA; larger models get the DeiT-style long schedule and
 # stronger augmentation that ViTs need from scratch on small data.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -87,7 +87,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DESCRIPTIONS = {
-    "nano": "main job: ~15 min on a 2-core CPU",
+    "nano": "main job: ~10 min on an idle 2-core CPU",
     "tiny": "a few hours on a laptop CPU, minutes on a GPU",
     "small": "GPU recipe",
     "seed": "the seed document's model, GPU recipe",
