@@ -31,6 +31,9 @@ def test_save_and_load_round_trip_keeps_logits_names_and_preprocessing(tmp_path)
     assert loaded.mean == MEAN and loaded.std == STD and loaded.image_size == (16, 16)
     assert loaded.metadata["epoch"] == 3
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "best.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_resolve_checkpoint_prefers_best_then_last_and_explains_missing(tmp_path):

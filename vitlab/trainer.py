@@ -324,7 +324,11 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     runtime = setup_runtime(config)
     try:
-        return _train(config, runtime)
+        result = _train(config, runtime)
+        if runtime.distributed:
+            # rank 0 is still writing files; leaving before it does can tear down gloo under it
+            torch.distributed.barrier()
+        return result
     finally:
         if runtime.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
