@@ -130,3 +130,130 @@ def test_layer_wise_decay_scales_early_layers_down():
     assert decay["pos_embedding"] == 0.0 and decay["blocks.0.norm1.weight"] == 0.0
     assert decay["blocks.0.attention.qkv.weight"] == 0.05
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------- end to end through vitlab.train
+def _grey_folder(root, per_class=30):
+    """The generated three-class folder, saved as 1-channel (mode L) PNGs."""
+    from PIL import Image
+
+    from tests.image_fixtures import make_image_folder
+
+    make_image_folder(root, per_class=per_class)
+    for path in root.rglob("*.png"):
+        Image.open(path).convert("L").save(path)
+    return root
+
+
+def test_init_from_a_run_at_another_size_replaces_head_and_interpolates(tmp_path, capsys):
+    import shutil
+
+    from tests.image_fixtures import make_image_folder, tiny_config, train_tiny_run
+
+    source = train_tiny_run(tmp_path / "pre")
+    two_class = make_image_folder(tmp_path / "two", per_class=30)
+    shutil.rmtree(two_class / "train" / "stripes")
+    result = vitlab.train(tiny_config(two_class, tmp_path / "tuned", init=str(source), epochs=2,
+                                      model_overrides={"image_size": 24}, val_size=12))
+    out = capsys.readouterr().out
+    assert "replaced the head: 3 -> 2 classes" in out
+    assert "from a 4x4 to a 6x6 patch grid" in out
+    tuned = vitlab.load(result.run_dir)
+    assert tuned.image_size == (24, 24) and tuned.class_names == ["circle", "cross"]
+    assert tuned.model.config.dim == 32  # the architecture came from the checkpoint
+
+
+def test_init_grey_from_rgb_sums_filters_and_trains_a_one_channel_model(tmp_path, capsys):
+    from tests.image_fixtures import tiny_config, train_tiny_run
+
+    source = train_tiny_run(tmp_path / "pre")
+    grey = _grey_folder(tmp_path / "grey")
+    result = vitlab.train(tiny_config(grey, tmp_path / "grey-run", init=str(source), epochs=2,
+                                      model_overrides={"in_channels": 1}))
+    assert "from 3 to 1 input channel(s): summed the RGB filters" in capsys.readouterr().out
+    model = vitlab.load(result.run_dir)
+    assert model.in_channels == 1 and len(model.mean) == 1
+    assert result.best_val_top1 > 0.5  # three classes: chance is 0.33
+
+
+def test_one_channel_from_scratch(tmp_path):
+    from tests.image_fixtures import tiny_config
+
+    grey = _grey_folder(tmp_path / "grey")
+    result = vitlab.train(tiny_config(grey, tmp_path / "run", model_overrides={
+        **tiny_config(grey, tmp_path).model_overrides, "in_channels": 1}))
+    assert vitlab.load(result.run_dir).model.patch_embedding.projection.weight.shape[1] == 1
+    assert result.best_val_top1 > 0.5
+
+
+def test_init_from_timm_and_seed_files_through_train(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from tests.image_fixtures import TINY_MODEL, make_image_folder, tiny_config
+
+    images = make_image_folder(tmp_path / "images")
+    config = vitlab.ViTConfig(**{**vitlab.presets.PRESETS["nano"], **TINY_MODEL, "num_classes": 7})
+    save_file(TimmViT(**vitlab.timm_model_kwargs(config)).state_dict(), tmp_path / "timm.safetensors")
+    seed = SeedVisionTransformer(16, 4, 3, 7, 32, 2, 4, 64, 0.0)
+    torch.save(seed.state_dict(), tmp_path / "seed.pth")
+    for weights in ("timm.safetensors", "seed.pth"):
+        vitlab.train(tiny_config(images, tmp_path / f"run-{weights}", init=str(tmp_path / weights), epochs=1))
+        out = capsys.readouterr().out
+        assert f"({'timm' if 'timm' in weights else 'seed'} format)" in out
+        assert "replaced the head: 7 -> 3 classes" in out
+
+
+def test_freeze_backbone_trains_only_the_head(tmp_path):
+    from tests.image_fixtures import tiny_config, train_tiny_run
+
+    source = train_tiny_run(tmp_path / "pre")
+    result = vitlab.train(tiny_config(tmp_path / "pre" / "images", tmp_path / "probe", init=str(source),
+                                      freeze="backbone", epochs=1, ema_decay=None))
+    before, after = vitlab.load(source).model, vitlab.load(result.run_dir).model
+    assert torch.equal(before.blocks[0].mlp.fc1.weight, after.blocks[0].mlp.fc1.weight)
+    assert not torch.equal(before.head.weight, after.head.weight)
+
+
+def test_cli_init_flags_and_bad_weights(tmp_path, capsys):
+    from vitlab.cli import main
+
+    from tests.image_fixtures import make_image_folder
+
+    images = make_image_folder(tmp_path / "images")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    code = main(["train", "--data", str(images), "--out", str(tmp_path / "run"), "--init",
+                 str(tmp_path / "junk.pt"), "--epochs", "1"])
+    assert code == 2
+    assert "junk.pt cannot be loaded as plain tensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fine_tune_cifar_checkpoint_on_two_classes_at_another_size(cifar_jpeg_archive, tmp_path, capsys):
+    """A small model pretrained on a CIFAR-10 slice, fine-tuned on airplane-vs-frog at 48x48."""
+    import tarfile
+
+    from vitlab.config import train_preset
+
+    pretrain = train_preset("nano", data=str(cifar_jpeg_archive), out=str(tmp_path / "pre"), subset=2000,
+                            val_size=500, epochs=2, batch_size=64, lr=3e-3, warmup_epochs=0.3,
+                            model_overrides=dict(dim=64, depth=3, heads=4, mlp_dim=128, patch_size=8))
+    source = vitlab.train(pretrain).run_dir
+
+    folder = tmp_path / "two"
+    wanted = {"airplane": 0, "frog": 0}
+    with tarfile.open(cifar_jpeg_archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and wanted.get(parts[1], 300) < 300:
+                wanted[parts[1]] += 1
+                (folder / parts[1]).mkdir(parents=True, exist_ok=True)
+                (folder / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
+            if all(n == 300 for n in wanted.values()):
+                break
+    tuned = train_preset("finetune", data=str(folder), out=str(tmp_path / "tuned"), init=str(source),
+                         model_overrides={"image_size": 48}, val_size=100, epochs=3, batch_size=50)
+    result = vitlab.train(tuned)
+    out = capsys.readouterr().out
+    assert "replaced the head: 10 -> 2 classes" in out and "from a 4x4 to a 6x6 patch grid" in out
+    assert result.best_val_top1 > 0.75  # chance is 0.5

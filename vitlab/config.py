@@ -41,6 +41,11 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     out: str = "runs/vitlab"
     resume: str | None = None
+    # fine-tuning: start from trained weights (vitlab checkpoint, or a timm / seed state_dict)
+    init: str | None = None
+    init_partial: bool = False  # skip (and list) weights that do not fit instead of failing
+    freeze: str | None = None  # "backbone": train only the head (a linear probe)
+    layer_decay: float = 1.0  # < 1: block i's lr is scaled by layer_decay ** (depth - i)
 
     def __post_init__(self) -> None:
         # 0 is how flags and files say "off" for these two
@@ -55,6 +60,10 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"subset must be a positive number of images, got {self.subset}")
+        if self.freeze not in (None, "backbone"):
+            raise ValueError(f"freeze must be 'backbone' or None, got {self.freeze!r}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
@@ -84,6 +93,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                   label_smoothing=0.1, clip_grad=1.0, ema_decay=0.9998, augment="strong", out="runs/small"),
     "seed": dict(model="seed", epochs=100, batch_size=128, lr=5e-4, weight_decay=0.05, warmup_epochs=5,
                  label_smoothing=0.1, clip_grad=1.0, ema_decay=0.9998, augment="strong", out="runs/seed"),
+    # Fine-tuning from --init weights: a tenth of the from-scratch learning rate, a short warmup and
+    # layer-wise decay, so the pretrained features move little while the new head settles.
+    "finetune": dict(model="nano", epochs=10, batch_size=128, lr=2e-4, weight_decay=0.05, warmup_epochs=0.5,
+                     label_smoothing=0.1, clip_grad=1.0, ema_decay=None, augment="light", layer_decay=0.75,
+                     out="runs/finetune"),
 }
 
 DESCRIPTIONS = {
@@ -91,6 +105,7 @@ DESCRIPTIONS = {
     "tiny": "a few hours on a laptop CPU, minutes on a GPU",
     "small": "GPU recipe",
     "seed": "the seed document's model, GPU recipe",
+    "finetune": "from --init weights: lr 2e-4, warmup 0.5 epoch, layer decay 0.75",
 }
 
 

@@ -220,3 +220,52 @@ def param_groups(
         group["params"].append(param)
         group["names"].append(name)
     return [groups[key] for key in sorted(groups)]
+
+
+class InitialWeights:
+    """Weights to start a run from, read once: a vitlab checkpoint (run directory or .safetensors
+    with vitlab metadata, which also fixes the architecture), or a timm / seed state_dict file
+    (.safetensors, .pt, .pth, .bin), whose architecture is the run's model preset."""
+
+    def __init__(self, path: str | Path):
+        from .checkpoint import FORMAT, read_metadata, resolve_checkpoint
+        from .model import ViTConfig
+
+        path = Path(path)
+        self.path = path
+        self.config: ViTConfig | None = None
+        self.source_grid: tuple[int, int] | None = None
+        if path.is_dir() or (path.suffix == ".safetensors" and _safetensors_format(path) == FORMAT):
+            file = resolve_checkpoint(path)
+            meta = read_metadata(file)
+            self.config = ViTConfig.from_dict(meta["model_config"])
+            h, w = (self.config.image_size,) * 2 if isinstance(self.config.image_size, int) \
+                else self.config.image_size
+            self.source_grid = (h // self.config.patch_size, w // self.config.patch_size)
+            self.tensors = read_state_dict(file)
+        else:
+            self.tensors = read_state_dict(path)
+            detect_format(self.tensors)  # fail now, before any data is decoded
+
+    def model_config(self, base: "ViTConfig", overrides: dict) -> "ViTConfig":
+        """The run's architecture: the checkpoint's own for vitlab weights, else `base`; then the
+        run's overrides (image size, channels, regularisation...)."""
+        from .model import ViTConfig
+
+        if self.config is None:
+            return base
+        return ViTConfig.from_dict({**self.config.to_dict(), "class_names": None, **overrides})
+
+    def load_into(self, model: VisionTransformer, partial: bool = False) -> list[str]:
+        notes = load_initial_weights(model, self.tensors, source_grid=self.source_grid, partial=partial)
+        return [f"initialised from {self.path}: {notes[0]}"] + notes[1:]
+
+
+def _safetensors_format(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:
+        return None  # read_state_dict reports unreadable files with a clear message

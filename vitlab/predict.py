@@ -53,28 +53,39 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[FilePredic
     return paths, problems
 
 
+def iter_image_batches(classifier: Classifier, inputs: list[str | Path], batch_size: int):
+    """Expands `inputs` and yields (paths read, uint8 batch (B, C, H, W) or None, [(input, error)])
+    per chunk of batch_size files, converting each image as at training time."""
+    from .data import load_image
+
+    paths, problems = expand_inputs(inputs)
+    if problems:
+        yield [], None, [(p.path, p.error) for p in problems]
+    for start in range(0, len(paths), batch_size):
+        good, tensors, bad = [], [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                tensors.append(load_image(path, classifier.image_size, classifier.in_channels))
+                good.append(str(path))
+            except (ValueError, OSError) as error:
+                bad.append((str(path), str(error)))
+        yield good, torch.stack(tensors) if tensors else None, bad
+
+
 def predict_files(classifier: Classifier, inputs: list[str | Path], *, top_k: int = 5,
                   batch_size: int = 64) -> list[FilePrediction]:
     """Top-k predictions for every image in `inputs`; unreadable files get an error entry instead."""
-    from .data import load_image
-
-    paths, results = expand_inputs(inputs)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        good, tensors = [], []
-        for path in chunk:
-            try:
-                image = load_image(path, classifier.image_size, classifier.in_channels)  # uint8 (C, H, W)
-                tensors.append(image)
-                good.append(path)
-            except (ValueError, OSError) as error:
-                results.append(FilePrediction(str(path), None, str(error)))
-        if tensors:
-            batch = torch.stack(tensors)  # uint8 (B, C, H, W)
+    results: list[FilePrediction] = []
+    order: dict[str, int] = {}
+    for good, batch, bad in iter_image_batches(classifier, inputs, batch_size):
+        for path, error in bad:
+            order.setdefault(path, len(order))
+            results.append(FilePrediction(path, None, error))
+        if batch is not None:
             for path, top in zip(good, classifier.predict(batch, top_k=top_k)):
-                results.append(FilePrediction(str(path), top))
-    order = {str(p): i for i, p in enumerate(paths)}
-    return sorted(results, key=lambda r: order.get(r.path, -1))
+                order.setdefault(path, len(order))
+                results.append(FilePrediction(path, top))
+    return sorted(results, key=lambda r: order[r.path])
 
 
 def format_table(results: list[FilePrediction], top_k: int) -> str:

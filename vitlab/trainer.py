@@ -337,15 +337,24 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
 def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
     from .data import BatchLoader, augment_preset, load_data
     from .evaluate import evaluate
-    from .finetune import param_groups
-    from .presets import preset_config, create_model
+    from .finetune import InitialWeights, freeze_backbone, param_groups
+    from .model import ViTConfig, VisionTransformer
+    from .presets import preset_config
 
     log = (lambda message: print(message, flush=True)) if runtime.is_main else (lambda message: None)
     run_dir = prepare_run_dir(config)
     state = ckpt.load_training_state(run_dir / ckpt.STATE_FILE) if config.resume else None
 
-    # ---- data: the model's input size and channels decide how images are converted
+    # ---- the architecture: the model preset, or the --init checkpoint's own, plus overrides
+    # (a resumed run never rereads --init: its state file holds the weights it has trained since)
+    init = InitialWeights(config.init) if config.init and state is None else None
     wanted = preset_config(config.model, **config.model_overrides)
+    if init is not None:
+        wanted = init.model_config(wanted, config.model_overrides)
+    elif config.init and state is not None:
+        wanted = ViTConfig.from_dict({**state["model_config"], "class_names": None})
+
+    # ---- data: the model's input size and channels decide how images are converted
     if runtime.distributed and not runtime.is_main:
         torch.distributed.barrier()  # rank 0 decodes and fills the cache first; the others then read it
     data = load_data(config.data, val_size=config.val_size, split_seed=config.split_seed,
@@ -360,13 +369,18 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     # ---- model, optimizer, EMA
     torch.manual_seed(config.seed)
-    model = create_model(config.model, **{**config.model_overrides, "num_classes": data.num_classes,
-                                          "class_names": data.class_names})
+    model = VisionTransformer.from_config(
+        {**wanted.to_dict(), "num_classes": data.num_classes, "class_names": data.class_names})
+    if init is not None:
+        for note in init.load_into(model, partial=config.init_partial):
+            log(note)
+    if config.freeze == "backbone":
+        log(f"froze the backbone: {freeze_backbone(model):,} trainable parameters (the head)")
     if state is not None and state["model_config"] != model.config.to_dict():
         raise ValueError(f"cannot resume {run_dir}: its model config differs from this run's "
                          f"({config.model} with {config.model_overrides}); resume with the original settings")
     model.to(runtime.device)
-    groups = param_groups(model, config.weight_decay)
+    groups = param_groups(model, config.weight_decay, config.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999),
                                   fused=runtime.device.type == "cuda")
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None

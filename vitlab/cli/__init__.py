@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # module name under vitlab.cli for each subcommand, in the order `vitlab --help` lists them
-COMMAND_MODULES = ["models", "train", "eval", "predict", "attention", "summary", "export", "data", "bench"]
+COMMAND_MODULES = ["models", "train", "eval", "predict", "attention", "summary", "export", "data", "bench", "embed"]
 
 
 class CLIError(Exception):

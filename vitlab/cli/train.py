@@ -52,13 +52,26 @@ def register(subparsers) -> None:
     p.add_argument("--val-size", type=float, help="validation images (count, or fraction < 1); 0 for none")
     p.add_argument("--subset", type=int, help="train on the first N training images (balanced over classes)")
     p.add_argument("--seed", type=int)
+    tune = p.add_argument_group("fine-tuning (see README: Fine-tune on your own images)")
+    tune.add_argument("--init", metavar="WEIGHTS",
+                      help="start from these weights: a vitlab run directory or checkpoint (its "
+                           "architecture is used), or a timm / seed state_dict (.safetensors, .pt, .pth)")
+    tune.add_argument("--init-partial", action="store_true", default=None,
+                      help="skip and list weights that do not fit instead of failing")
+    tune.add_argument("--freeze", choices=["backbone"], help="train only the classifier head")
+    tune.add_argument("--layer-decay", type=float,
+                      help="layer-wise lr decay: block i trains at lr * decay ** (depth - i)")
+    tune.add_argument("--image-size", type=int, metavar="N",
+                      help="train at N x N: images are resized and the position embedding interpolated")
+    tune.add_argument("--channels", type=int, metavar="C",
+                      help="input channels (1 for grayscale); --init weights are adapted")
     p.add_argument("--device", help="auto, cpu or cuda")
     p.set_defaults(func=run)
 
 
 FLAG_FIELDS = ("data", "out", "model", "epochs", "batch_size", "lr", "min_lr", "weight_decay",
                "warmup_epochs", "label_smoothing", "clip_grad", "ema_decay", "precision", "compile", "augment",
-               "subset", "seed", "device")
+               "subset", "seed", "device", "init", "init_partial", "freeze", "layer_decay")
 
 
 def run(args) -> int:
@@ -71,8 +84,13 @@ def run(args) -> int:
     flags = {name: getattr(args, name) for name in FLAG_FIELDS}
     if args.val_size is not None:
         flags["val_size"] = int(args.val_size) if args.val_size >= 1 else args.val_size
-    if args.model_arg:
-        flags["model_overrides"] = dict(args.model_arg)
+    model_overrides = dict(args.model_arg)
+    if args.image_size is not None:
+        model_overrides["image_size"] = args.image_size
+    if args.channels is not None:
+        model_overrides["in_channels"] = args.channels
+    if model_overrides:
+        flags["model_overrides"] = model_overrides
     if args.augment_arg:
         flags["augment_overrides"] = dict(args.augment_arg)
     if args.resume:
