@@ -74,7 +74,10 @@ def decode_opened(image: Image.Image, name: str) -> Image.Image:
 def open_image(data: bytes, name: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        # PIL's own message names its in-memory buffer, which tells the user nothing
+        raise ValueError(f"cannot read image {name}: not an image format PIL recognises") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {name}: {error}") from None
     return decode_opened(image, name)
 
