@@ -188,3 +188,16 @@ def test_real_ctrl_c_saves_and_exits_cleanly(images, tmp_path):
     assert "Traceback" not in err
     state = ckpt.load_training_state(tmp_path / "run" / ckpt.STATE_FILE)
     assert state["epoch"] >= 2 and state["global_step"] == 3 * state["epoch"] + state["step_in_epoch"]
+
+
+def test_syncing_the_host_every_few_steps_trains_identically(images, tmp_path):
+    """The GPU path reads the loss every 25 steps instead of every step; on CPU it must give the
+    same weights and the same epoch metrics as reading it every step."""
+    every_step = vitlab.train(tiny_config(images, tmp_path / "a", epochs=2, sync_every=1))
+    windowed = vitlab.train(tiny_config(images, tmp_path / "b", epochs=2, sync_every=2))
+    a, b = vitlab.load(every_step.run_dir).model, vitlab.load(windowed.run_dir).model
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    for row_a, row_b in zip(every_step.metrics, windowed.metrics):
+        assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=1e-9)
+        assert row_a["val_top1"] == row_b["val_top1"]

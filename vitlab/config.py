@@ -35,6 +35,7 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # None turns the weight EMA off
     precision: str = "auto"  # "bf16" | "fp32" | "auto" (bf16 where the hardware has it)
     compile: bool = False
+    sync_every: int | None = None  # steps between host reads of the loss; None: 1 on CPU, 25 on GPU
     augment: str = "light"  # a vitlab.data augment preset
     augment_overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0

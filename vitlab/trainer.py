@@ -271,6 +271,10 @@ def on_step_end(epoch: int, step_in_epoch: int) -> None:
     """Called after every optimizer step; a hook for tests that simulate Ctrl-C at a given step."""
 
 
+class AbortTraining(KeyboardInterrupt):
+    """A second Ctrl-C: leave at once, writing nothing (the last checkpoints stay as they are)."""
+
+
 class StopOnInterrupt:
     """Turns the first Ctrl-C (or SIGTERM, as schedulers send before preempting) into a request
     honoured between optimizer steps, so the saved state is never half-way through a step; a
@@ -290,7 +294,7 @@ class StopOnInterrupt:
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            raise AbortTraining
         self.requested = True
         self.log(f"\n{signal.Signals(signum).name}: saving after this step and stopping "
                  f"(press Ctrl-C again to abort without saving)")
@@ -397,6 +401,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                               device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
                   if data.val is not None and len(data.val) else None)
     steps_per_epoch = len(train_loader)
+    sync_every = config.sync_every or (1 if runtime.device.type == "cpu" else 25)  # see the loop
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no full batch of {config.batch_size}; "
                          f"lower --batch-size")
@@ -485,6 +490,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
             start_time = time.perf_counter() - partial["seconds"]
             progress = _progress_bar(steps_per_epoch, epoch, config.epochs, skip_steps, runtime.is_main)
             step_in_epoch = skip_steps
+            step_sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # summed between host syncs
             try:
                 for batch_number, (images, targets) in enumerate(train_loader):
                     if batch_number < skip_steps:
@@ -495,40 +501,52 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                     with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
                         logits = train_model(images)  # (B, K)
                     loss = soft_cross_entropy(logits, targets, config.label_smoothing)
-                    # one reduction tells every rank about a bad loss or a Ctrl-C anywhere: all stop together
-                    stop_flag = torch.tensor(float(stop.requested), device=loss.device)
-                    flags = _all_reduce_sum(torch.stack([loss.detach().float(), stop_flag]), runtime)
-                    if not torch.isfinite(flags[0]):
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {batch_number + 1}; "
-                            f"stopped and kept the last good checkpoint in {run_dir}. Lower --lr, keep "
-                            f"--clip-grad on, or try --precision fp32")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    step_in_epoch = batch_number + 1
+                    # Reading the loss on the host stalls a GPU until the step is done, so off the CPU
+                    # the NaN / Ctrl-C check and the progress bar run every few steps, before the
+                    # optimizer step: weights never take a non-finite update unseen for long, and
+                    # a diverged run stops without writing anything.
+                    if step_in_epoch % sync_every == 0 or step_in_epoch == steps_per_epoch:
+                        # one reduction tells every rank about a bad loss or a Ctrl-C anywhere
+                        stop_flag = torch.tensor(float(stop.requested), device=loss.device)
+                        flags = _all_reduce_sum(torch.stack([loss.detach().float(), stop_flag]), runtime)
+                        if not torch.isfinite(flags[0]):
+                            raise TrainingDiverged(
+                                f"loss became {loss.item()} at epoch {epoch + 1}, step {step_in_epoch}; "
+                                f"stopped and kept the last good checkpoint in {run_dir}. Lower --lr, keep "
+                                f"--clip-grad on, or try --precision fp32")
                     if config.clip_grad:
                         nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                     optimizer.step()
                     if ema is not None:
                         ema.update(model)
                     global_step += 1
-                    step_in_epoch = batch_number + 1
                     hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
-                    sums += torch.tensor([loss.item() * len(hard), (logits.argmax(1) == hard).sum().item(),
-                                          len(hard)], dtype=torch.float64)
-                    elapsed = time.perf_counter() - start_time
-                    if progress is not None:
-                        progress.update(1)
-                        speed = sums[2] * runtime.world_size / elapsed
-                        progress.set_postfix_str(
-                            f"loss {sums[0] / sums[2]:.3f}  lr {lr:.2e}  {speed:.0f} img/s", refresh=False)
-                    partial = {"loss": float(sums[0]), "correct": float(sums[1]), "seen": float(sums[2]),
-                               "seconds": elapsed}
-                    on_step_end(epoch, step_in_epoch)
-                    if flags[1] > 0:
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
+                    step_sums += torch.stack([loss.detach().double() * len(hard),
+                                              (logits.argmax(1) == hard).sum().double(),
+                                              torch.tensor(float(len(hard)), dtype=torch.float64,
+                                                           device=loss.device)])
+                    if step_in_epoch % sync_every == 0 or step_in_epoch == steps_per_epoch:
+                        sums += step_sums.cpu()
+                        step_sums.zero_()
+                        elapsed = time.perf_counter() - start_time
+                        if progress is not None:
+                            progress.update(step_in_epoch - progress.n)
+                            speed = sums[2] * runtime.world_size / elapsed
+                            progress.set_postfix_str(
+                                f"loss {sums[0] / sums[2]:.3f}  lr {lr:.2e}  {speed:.0f} img/s", refresh=False)
+                        partial = {"loss": float(sums[0]), "correct": float(sums[1]), "seen": float(sums[2]),
+                                   "seconds": elapsed}
+                        on_step_end(epoch, step_in_epoch)
+                        if flags[1] > 0:
+                            raise KeyboardInterrupt
+            except KeyboardInterrupt as interrupt:
                 if progress is not None:
                     progress.close()
+                if isinstance(interrupt, AbortTraining):
+                    raise
                 if step_in_epoch > 0:  # at step 0 the previous epoch's checkpoint already holds everything
                     save(epoch, step_in_epoch, torch.get_rng_state(), None)
                 log(f"interrupted at epoch {epoch + 1}, step {step_in_epoch}; state saved. Continue with: "
