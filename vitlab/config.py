@@ -130,7 +130,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
             values = yaml.safe_load(text) or {}
         elif suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
             values = tomllib.loads(text)
         elif suffix == ".json":
