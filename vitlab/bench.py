@@ -381,7 +381,10 @@ def run_benchmark(config: BenchConfig, log=print) -> BenchReport:
     for round_index in range(config.rounds):
         for precision in config.precisions:
             peak_rounds[precision].append(matmul_tflops(config.matmul_size, dtypes[precision], device))
-        for c in contenders:
+        # each round starts with the next model, so none is always the one that runs first after
+        # a switch of precision (or right after the matmul loop)
+        shift = round_index % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
             key = (c.name, c.precision)
             train_rounds[key].append(config.batch_size / time_steps(train(c), config.train_steps, device))
             infer_rounds[key].append(config.batch_size / time_steps(infer(c), config.inference_steps, device))
