@@ -1,7 +1,15 @@
 """vitlab: a readable, fast Vision Transformer for image classification."""
 
+from .attention import attention_maps, plot_attention
+from .checkpoint import load_checkpoint as load
+from .classifier import Classifier
+from .config import TrainConfig, train_preset
 from .convert import from_seed_state_dict, from_timm_state_dict, timm_model_kwargs, to_timm_state_dict
+from .embed import embed_files
+from .export import export_model
+from .finetune import freeze_backbone, load_initial_weights
 from .flops import forward_flops, training_flops
+from .inference import inference_model
 from .model import (
     PatchEmbedding,
     TransformerEncoderBlock,
@@ -10,40 +18,21 @@ from .model import (
     resample_position_embedding,
 )
 from .presets import create_model, list_models
-from .inference import inference_model
-from .checkpoint import load_checkpoint as load
-from .classifier import Classifier
-from .config import TrainConfig, train_preset
-from .trainer import TrainResult, train
-from .attention import attention_maps, plot_attention
-from .export import export_model
 from .summary import summarize
+from .trainer import TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # the model
+    "PatchEmbedding", "TransformerEncoderBlock", "ViTConfig", "VisionTransformer",
+    "create_model", "list_models", "resample_position_embedding", "forward_flops", "training_flops",
+    # weights from peers
+    "from_seed_state_dict", "from_timm_state_dict", "to_timm_state_dict", "timm_model_kwargs",
+    "load_initial_weights", "freeze_backbone",
+    # train, load, use
+    "TrainConfig", "TrainResult", "train", "train_preset", "load", "Classifier", "embed_files",
     "inference_model",
-    "attention_maps",
-    "export_model",
-    "plot_attention",
-    "summarize",
-    "Classifier",
-    "TrainConfig",
-    "TrainResult",
-    "load",
-    "train",
-    "train_preset",
-    "PatchEmbedding",
-    "TransformerEncoderBlock",
-    "ViTConfig",
-    "VisionTransformer",
-    "create_model",
-    "forward_flops",
-    "from_seed_state_dict",
-    "from_timm_state_dict",
-    "list_models",
-    "resample_position_embedding",
-    "timm_model_kwargs",
-    "to_timm_state_dict",
-    "training_flops",
+    # look inside, ship out
+    "attention_maps", "plot_attention", "summarize", "export_model",
 ]
