@@ -25,6 +25,8 @@ def bf16_supported(device: torch.device | str) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         # without AVX512-BF16 or AMX, oneDNN emulates bf16 and it is slower than fp32
+        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
+            return True
         try:
             flags = Path("/proc/cpuinfo").read_text().split()
         except OSError:

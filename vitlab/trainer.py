@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .inference import bf16_supported
 from .config import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -66,26 +67,11 @@ class Runtime:
         return self.world_size > 1
 
 
-def cpu_supports_bf16() -> bool:
-    """bf16 autocast only pays off with native bf16 dot products (AVX512-BF16 or AMX); elsewhere it
-    is emulated and slower than fp32."""
-    if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def resolve_precision(precision: str, device: torch.device) -> bool:
     """True for bf16 autocast."""
     if precision == "fp32":
         return False
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = device.type == "cpu" and cpu_supports_bf16()
+    supported = bf16_supported(device)
     if precision == "bf16" and not supported:
         print(f"vitlab train: note: bf16 requested but {device.type} has no native bf16; it will be slow",
               file=sys.stderr)
