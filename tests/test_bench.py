@@ -41,9 +41,14 @@ def test_bench_prints_a_table_then_one_json_line_with_every_figure(capsys, bench
     for r in report["results"]:
         assert r["train_img_s"] > 0 and r["inference_img_s"] > 0
         assert r["train_peak_mib"] > 0 and 0 < r["train_utilisation"]
-        # achieved FLOP rate is throughput times the FLOPs of the shapes
-        achieved = r["inference_img_s"] * report["forward_gflops_per_image"] / 1e3
+        # achieved FLOP rate is throughput times the FLOPs that implementation runs
+        achieved = r["inference_img_s"] * r["forward_gflops_per_image"] / 1e3
         assert r["inference_tflops"] == pytest.approx(achieved)
+        assert r["train_tflops"] == pytest.approx(3 * r["train_img_s"] * r["forward_gflops_per_image"] / 1e3)
+    by_name = {r["implementation"]: r["forward_gflops_per_image"] for r in report["results"]}
+    assert by_name["timm"] == by_name["seed"] == pytest.approx(report["forward_gflops_per_image"])
+    assert by_name["vitlab"] < report["forward_gflops_per_image"]  # [CLS]-only last block
+    assert "(vitlab runs " in out[1]
     assert report["ratios"]["timm/timm fp32 train"] == 1.0
     flops = vitlab.forward_flops(preset_config(bench_test_preset))
     assert report["forward_gflops_per_image"] == pytest.approx(flops / 1e9)

@@ -70,6 +70,37 @@ def test_fused_attention_equals_the_plain_reference_path():
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 8, 17))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # SDPA and the CPU matmul path
+def test_cls_only_attention_equals_the_first_row_of_full_attention(dtype):
+    attention = Attention(dim=64, heads=8).eval().to(dtype)
+    x = torch.randn(3, 17, 64, dtype=dtype)
+    cls_row = attention(x, cls_only=True)
+    assert cls_row.shape == (3, 1, 64)
+    torch.testing.assert_close(cls_row, attention(x)[:, :1])
+
+
+def test_forward_skips_all_but_cls_in_the_last_block_with_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    model = VisionTransformer(**tiny_vit_kwargs(depth=3))  # train mode, dropout 0
+    x = torch.randn(4, 3, 16, 16)
+    assert model.forward_features(x, cls_only=True).shape == (4, 1, 32)
+    full = model.forward_head(model.forward_features(x))  # every token through every block
+    full.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(x)
+    logits.square().sum().backward()
+    torch.testing.assert_close(logits, full)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, want[name], msg=name)
+
+
+def test_mean_pooled_forward_runs_every_token_through_every_block():
+    model = VisionTransformer(**tiny_vit_kwargs(pooling="mean")).eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
+
+
 def test_attention_uses_sdpa_not_multihead_attention(monkeypatch):
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention

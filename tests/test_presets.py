@@ -40,6 +40,20 @@ def test_flops_match_torch_flop_counter(name):
     assert vitlab.forward_flops(config) == counter.get_total_flops()
 
 
+def test_executed_flops_count_what_forward_runs():
+    config = preset_config("seed")
+    # a bf16 model on CPU attends with plain matmuls, which the counter sees (fused SDPA it does not)
+    model = vitlab.VisionTransformer.from_config(config).eval().to(torch.bfloat16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    executed = vitlab.flops.executed_forward_flops(config)
+    assert executed == counter.get_total_flops()
+    # the [CLS]-only last block saves 12.4% of the seed's 2.509 GFLOPs
+    assert 1 - executed / vitlab.forward_flops(config) == pytest.approx(0.124, abs=0.001)
+    mean_pooled = preset_config("seed", pooling="mean")
+    assert vitlab.flops.executed_forward_flops(mean_pooled) == vitlab.forward_flops(mean_pooled)
+
+
 def test_preset_table_parameters_are_measured():
     infos = {i.name: i for i in describe_models()}
     assert infos["seed"].parameters == 18_979_338

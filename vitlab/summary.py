@@ -80,7 +80,10 @@ def summarize(model: VisionTransformer) -> ModelSummary:
         for name, module in _listed_modules(twin)
     ]
     try:
-        twin.eval()(torch.empty(1, config.in_channels, height, width, device="meta"))
+        # every token through every block: the architecture as papers count it, as the FLOPs
+        # column does (model(x) skips all but [CLS] in the last block)
+        images = torch.empty(1, config.in_channels, height, width, device="meta")
+        twin.eval().forward_head(twin.forward_features(images))
     finally:
         for hook in hooks:
             hook.remove()
