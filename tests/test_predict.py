@@ -79,5 +79,8 @@ def test_python_api_predict_and_embed_on_pil_and_tensors(run):
     assert model.predict(big, top_k=1)[0][0][0] == "cross"
     features = model.embed([pil, as_uint8])
     assert features.shape == (2, 32) and model.embed(pil, pooling="mean").shape == (1, 32)
+    # the head's own input: the pooled, normalised [CLS] token of the full encoder
+    tokens = model.model.forward_features(model.preprocess([pil, as_uint8]))
+    torch.testing.assert_close(features, model.model.forward_head(tokens, pre_logits=True))
     with pytest.raises(ValueError, match="cannot classify a int"):
         model.predict(3)

@@ -105,14 +105,11 @@ class Classifier(nn.Module):
 
         pooling=None uses the model's own ("cls" or "mean"); pass the other to compare.
         """
-        self.eval()
-        tokens = self.model.forward_features(self.preprocess(images))  # (B, T, D)
-        if pooling is None:
-            pooled = self.model.pool(tokens)
-        elif pooling == "cls":
-            pooled = tokens[:, 0]
-        elif pooling == "mean":
-            pooled = tokens[:, 1:].mean(dim=1)
-        else:
+        pooling = self.model.config.pooling if pooling is None else pooling
+        if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be None, 'cls' or 'mean', got {pooling!r}")
+        self.eval()
+        # [CLS] alone needs only its own row from the last block
+        tokens = self.model.forward_features(self.preprocess(images), cls_only=pooling == "cls")  # (B, T or 1, D)
+        pooled = tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
         return self.model.head_norm(pooled).float()  # (B, D)
