@@ -111,5 +111,4 @@ class Classifier(nn.Module):
         self.eval()
         # [CLS] alone needs only its own row from the last block
         tokens = self.model.forward_features(self.preprocess(images), cls_only=pooling == "cls")  # (B, T or 1, D)
-        pooled = tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
-        return self.model.head_norm(pooled).float()  # (B, D)
+        return self.model.head_norm(self.model.pool(tokens, pooling)).float()  # (B, D)

@@ -45,11 +45,6 @@ def forward_flops(config: ViTConfig, image_size: int | tuple[int, int] | None = 
     return sum(flops_breakdown(config, image_size, cls_only).values())
 
 
-def executed_forward_flops(config: ViTConfig, image_size: int | tuple[int, int] | None = None) -> int:
-    """FLOPs that vitlab's VisionTransformer.forward actually runs for one image."""
-    return forward_flops(config, image_size, cls_only=config.pooling == "cls")
-
-
 def training_flops(config: ViTConfig, image_size: int | tuple[int, int] | None = None,
                    cls_only: bool = False) -> int:
     """Forward + backward for one image: backward costs twice the forward (grad wrt inputs and

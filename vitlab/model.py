@@ -494,9 +494,10 @@ class VisionTransformer(nn.Module):
                 x = block(x, only_cls)
         return x
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, T, D) -> one vector per image (B, D)."""
-        if self.config.pooling == "mean":
+    def pool(self, tokens: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
+        """Tokens (B, T, D) -> one vector per image (B, D), by `pooling` ("cls" or "mean";
+        None: the model's own)."""
+        if (pooling or self.config.pooling) == "mean":
             return tokens[:, 1:].mean(dim=1)
         return tokens[:, 0]
 
