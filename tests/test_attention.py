@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import vitlab
-from vitlab.attention import attention_maps, attention_rollout, plot_attention
+from vitlab.attention import attention_maps, attention_rollout
+from vitlab.plots import plot_attention
 from vitlab.checkpoint import save_model
 from vitlab.classifier import Classifier
 from vitlab.cli import main

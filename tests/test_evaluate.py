@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from vitlab.cli import main
-from vitlab.evaluate import evaluate, plot_confusion_matrix
+from vitlab.evaluate import evaluate
+from vitlab.plots import plot_confusion_matrix
 from tests.image_fixtures import train_tiny_run
 
 

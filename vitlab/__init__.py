@@ -1,6 +1,9 @@
 """vitlab: a readable, fast Vision Transformer for image classification."""
 
-from .attention import attention_maps, plot_attention
+from importlib import metadata as _metadata
+
+from .attention import attention_maps
+from .plots import plot_attention
 from .checkpoint import load_checkpoint as load
 from .classifier import Classifier
 from .config import TrainConfig, train_preset
@@ -21,7 +24,10 @@ from .presets import create_model, list_models
 from .summary import summarize
 from .trainer import TrainResult, train
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("vitlab")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     # the model

@@ -4,8 +4,7 @@
 which forms the (B, h, T, T) weights that the fused SDPA kernel never materialises) and returns
 every block's weights, the attention rollout of Abnar & Zuidema (2020, "Quantifying Attention Flow
 in Transformers") and, for both, the row of the token the classifier reads laid out on the patch
-grid. `plot_attention` draws them for one image: the image, the rollout over it, and a
-layers x heads grid of single-head maps.
+grid. `vitlab.plots.plot_attention` draws them for one image.
 
 Shape legend: B batch, L blocks, h heads, T = N + 1 tokens ([CLS] first), N = gh * gw patches,
 K classes.
@@ -14,8 +13,6 @@ K classes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -106,85 +103,3 @@ def attention_maps(model, images: torch.Tensor) -> AttentionMaps:
         probabilities=logits.float().softmax(dim=-1).cpu().numpy(),
         query="[CLS]" if pooling == "cls" else "mean of patches",
     )
-
-
-def _display_image(image) -> np.ndarray:
-    """(C, H, W) or (H, W, C) uint8/float image -> (H, W, 3) or (H, W) floats in [0, 1] for imshow."""
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-        array = array.transpose(1, 2, 0)
-    array = array.astype(np.float32)
-    if array.max() > 1.0:
-        array = array / 255.0
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return array.clip(0.0, 1.0)
-
-
-def plot_attention(
-    image,
-    maps: AttentionMaps,
-    out: str | Path,
-    *,
-    index: int = 0,
-    class_names: list[str] | None = None,
-    title: str | None = None,
-) -> Path:
-    """Writes one figure for image `index` of `maps`: the image, the rollout over it, and the
-    query attention of every head (rows: layers, columns: heads), titled with the predicted class.
-
-    image: that image as uint8 (C, H, W) / (H, W, C), or floats in [0, 1]; out: .png/.pdf/.svg path.
-    Each head's map is scaled to its own maximum, so the grid shows where each head looks rather
-    than which head is most peaked.
-    """
-    # A bare Figure draws with the Agg canvas without touching pyplot's global backend, so this
-    # works headless and leaves a notebook's inline plotting alone.
-    from matplotlib.figure import Figure
-
-    pixels = _display_image(image)
-    height, width = pixels.shape[:2]
-    layers, _, heads = maps.query_attention.shape[:3]
-    probabilities = maps.probabilities[index]
-    predicted = int(probabilities.argmax())
-    name = class_names[predicted] if class_names else f"class {predicted}"
-    headline = f"predicted: {name} ({probabilities[predicted]:.1%})"
-    if title:
-        headline = f"{title}\n{headline}"
-
-    cell = 0.9  # inches per head map (width)
-    aspect = height / width  # wide images get flatter panels instead of white space
-    big = max(2.4, cell * layers / 2)
-    fig = Figure(figsize=(big + 0.6 + cell * heads + 0.4, max(2 * big, cell * layers) * aspect + 1.2),
-                 layout="constrained")
-    outer = fig.add_gridspec(1, 2, width_ratios=[big, cell * heads])
-    left = outer[0].subgridspec(2, 1)
-    grey = "gray" if pixels.ndim == 2 else None
-    extent = (0, width, height, 0)  # pixel coordinates, so the patch-grid maps stretch over the image
-
-    ax = fig.add_subplot(left[0])
-    ax.imshow(pixels, cmap=grey, extent=extent, interpolation="nearest")
-    ax.set_title("input", fontsize=10)
-    ax.set_axis_off()
-
-    ax = fig.add_subplot(left[1])
-    ax.imshow(pixels, cmap=grey, extent=extent, interpolation="nearest")
-    ax.imshow(maps.query_rollout[index], cmap="inferno", alpha=0.6, extent=extent, interpolation="bilinear")
-    ax.set_title(f"attention rollout ({maps.query})", fontsize=10)
-    ax.set_axis_off()
-
-    grid = outer[1].subgridspec(layers, heads)
-    for layer in range(layers):
-        for head in range(heads):
-            ax = fig.add_subplot(grid[layer, head])
-            ax.imshow(maps.query_attention[layer, index, head], cmap="viridis", interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if layer == 0:
-                ax.set_title(f"head {head + 1}", fontsize=9)
-            if head == 0:
-                ax.set_ylabel(f"layer {layer + 1}", fontsize=9, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{headline}\nright: {maps.query} attention of each head (each map scaled to its max)",
-                 fontsize=11)
-    out = Path(out)
-    fig.savefig(out, dpi=80)
-    return out

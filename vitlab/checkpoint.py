@@ -6,9 +6,8 @@ A run directory holds
   last.state.pt                         everything resume needs: model, EMA and optimizer
                                         tensors, scheduler, RNG, epoch/step counters
 
-Every file is written to a temporary file in the same directory, fsynced, and renamed over the
-old one (os.replace is atomic on POSIX and Windows), so a kill at any instant leaves either the
-old or the new file, never a torn one. The state file carries its own copy of the weights, so
+Every file is written atomically (vitlab.files), so a kill at any instant leaves either the old
+or the new file, never a torn one. The state file carries its own copy of the weights, so
 resume never depends on two files having been renamed together.
 """
 
@@ -16,62 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .files import atomic_write, atomic_write_bytes
+
 FORMAT = "vitlab-checkpoint-1"
 WEIGHT_FILES = ("best.safetensors", "last.safetensors")
 STATE_FILE = "last.state.pt"
-
-
-# ---------------------------------------------------------------- atomic writes
-def atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
-    """Calls write(binary file) on a temporary file next to `path`, fsyncs, then renames it over
-    `path`. If anything fails (or the process dies) before the rename, `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)  # makes the rename itself durable
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _fsync_directory(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- weights (safetensors)

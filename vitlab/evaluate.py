@@ -101,34 +101,3 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
                          device=run_device)
     return evaluate(classifier, loader, len(classifier.class_names),
                     bf16=resolve_precision(precision, run_device), class_names=classifier.class_names)
-
-
-def plot_confusion_matrix(result: EvalResult, path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix as a PNG (counts written in each cell for up to 20 classes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write
-
-    k = len(result.class_names)
-    rates = result.confusion.double() / result.confusion.sum(dim=1, keepdim=True).clamp(min=1)
-    size = max(5.0, 0.45 * k + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if k <= 40:
-        ax.set_xticks(range(k), result.class_names, rotation=90 if k > 10 else 45, ha="right")
-        ax.set_yticks(range(k), result.class_names)
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(int(result.confusion[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")
-    ax.set(xlabel="predicted", ylabel="true",
-           title=title or f"top-1 {result.top1:.2%} on {result.n} images")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-    return Path(path)

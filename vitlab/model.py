@@ -24,10 +24,11 @@ Init = Literal["seed", "trunc_normal"]
 
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
+    """32 -> (32, 32); (32, 48) or [32, 48] -> (32, 48). Sizes must be positive."""
+    pair = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"image size must be a positive int or (height, width), got {size!r}")
+    return pair
 
 
 @dataclass

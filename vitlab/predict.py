@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .classifier import Classifier
+from .data.image import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass
@@ -37,7 +37,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[FilePredic
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 problems.append(FilePrediction(item, None, f"folder {item} holds no images"))
             paths.extend(found)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .files import atomic_write_text
 from .inference import bf16_supported
 from .config import TrainConfig
 
@@ -226,32 +227,6 @@ def read_metrics(run_dir: Path, up_to_epoch: int | None = None) -> list[dict]:
     return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
 
 
-def plot_curves(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [m["epoch"] for m in metrics]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-    if metrics and metrics[0].get("val_loss") is not None:
-        ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.plot(epochs, [m["train_top1"] for m in metrics], "o-", label="train (augmented)")
-    if metrics and metrics[0].get("val_top1") is not None:
-        ax_acc.plot(epochs, [m["val_top1"] for m in metrics], "o-", label="val")
-    if metrics and metrics[0].get("ema_val_top1") is not None:
-        ax_acc.plot(epochs, [m["ema_val_top1"] for m in metrics], "o--", label="val, EMA weights")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    ckpt.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- the loop
 def on_step_end(epoch: int, step_in_epoch: int) -> None:
     """Called after every optimizer step; a hook for tests that simulate Ctrl-C at a given step."""
@@ -421,8 +396,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
                                  "model_config": model.config.to_dict(), "augment": augment.to_dict(),
                                  "mean": list(data.mean), "std": list(data.std),
                                  "train_images": len(train_set), "steps_per_epoch": steps_per_epoch}}
-        ckpt.atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
-        ckpt.atomic_write_text(run_dir / "environment.json",
+        atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+        atomic_write_text(run_dir / "environment.json",
                                json.dumps(describe_environment(runtime), indent=2) + "\n")
         log(f"model: {config.model}, {model.num_parameters():,} parameters; "
             f"{'bf16 autocast' if runtime.bf16 else 'fp32'} on {runtime.device}"
@@ -462,7 +437,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     all_metrics = read_metrics(run_dir, up_to_epoch=start_epoch) if runtime.is_main else []
     if runtime.is_main and state is not None:  # drop rows of epochs the resumed run will redo
-        ckpt.atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in all_metrics))
+        atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in all_metrics))
     status = "completed"
     epoch = start_epoch
     with StopOnInterrupt(log) as stop:
@@ -574,6 +549,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> TrainResult:
             epoch = config.epochs
 
     if runtime.is_main and all_metrics:
+        from .plots import plot_curves
+
         plot_curves(all_metrics, run_dir / "curves.png")
         if status == "completed":
             log(f"done: best val top-1 {best:.4f} in {run_dir}" if best is not None else f"done: {run_dir}")

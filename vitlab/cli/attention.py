@@ -21,7 +21,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..attention import attention_maps, plot_attention
+    from ..attention import attention_maps
+    from ..plots import plot_attention
     from ..data import load_image
     from . import CLIError
     from .model_source import load_model_source

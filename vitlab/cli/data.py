@@ -89,13 +89,10 @@ def _print_table(rows: list[list[str]]) -> None:
 def write_grid(splits, path, per_class: int, augment=None, max_classes: int = 20) -> None:
     """One row per class (the first max_classes), per_class training samples each; with augment,
     the samples as the training loader would serve them (normalisation undone for display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     from ..data import BatchLoader
+    from ..plots import plot_image_grid
 
     train = splits.train
     classes = list(range(min(splits.num_classes, max_classes)))
@@ -109,23 +106,6 @@ def write_grid(splits, path, per_class: int, augment=None, max_classes: int = 20
         images = (images * std + mean).clamp(0, 1)  # float (B, C, H, W) in [0, 1]
     else:
         images = train.images[index].float() / 255
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.9 + 1.2, len(classes) * 0.9),
-                             squeeze=False)
-    position = 0
-    for row, (k, pick) in enumerate(zip(classes, picks)):
-        for col in range(per_class):
-            ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= len(pick):
-                ax.axis("off")
-            else:
-                image = images[position].permute(1, 2, 0).numpy()  # (H, W, C)
-                ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1,
-                          interpolation="nearest")
-                position += 1
-        axes[row][0].set_ylabel(splits.class_names[k], rotation=0, ha="right", va="center", fontsize=8)
-        axes[row][0].axis("on")  # the row label lives on the first axes
-    fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    labels = [k for k, pick in zip(classes, picks) for _ in range(len(pick))]
+    names = [splits.class_names[k] for k in classes if len(picks[k])]
+    plot_image_grid(images, labels, names, path, per_class)

@@ -21,7 +21,8 @@ def run(args) -> int:
 
     import numpy as np
 
-    from ..checkpoint import atomic_write_bytes, load_checkpoint
+    from ..checkpoint import load_checkpoint
+    from ..files import atomic_write_bytes
     from ..embed import embed_files
     from . import CLIError
     from .predict import _split_checkpoint

@@ -23,7 +23,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..checkpoint import resolve_checkpoint
-    from ..evaluate import evaluate_checkpoint, plot_confusion_matrix
+    from ..evaluate import evaluate_checkpoint
+    from ..plots import plot_confusion_matrix
 
     path = resolve_checkpoint(args.checkpoint)
     val_size = args.val_size

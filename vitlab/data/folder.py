@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image import GRAYSCALE_MODES, as_pair, decode_opened, to_uint8_array
+from ..model import to_2tuple
+from .image import GRAYSCALE_MODES, IMAGE_EXTENSIONS, decode_opened, to_uint8_array
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 SHOWN_PROBLEMS = 5  # how many unreadable files a warning names
@@ -135,7 +135,7 @@ def decode_image_folder(read: SourceFiles, source: Path, image_size=None, channe
         raise ValueError(f"{source}: none of its {len(names)} images could be read")
     (w, h), _ = Counter(image.size for image in opened.values()).most_common(1)[0]
     natural_channels = 1 if all(image.mode in GRAYSCALE_MODES for image in opened.values()) else 3
-    image_size = as_pair(image_size) if image_size is not None else (h, w)
+    image_size = to_2tuple(image_size) if image_size is not None else (h, w)
     channels = channels or natural_channels
 
     class_names = sorted({cls for _, cls, name in layout if name in opened})

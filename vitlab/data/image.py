@@ -19,6 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..model import to_2tuple
+
+# the file suffixes vitlab reads as images, everywhere: dataset folders and archives, predict, embed
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                              ".pbm"})
+
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -82,13 +88,6 @@ def open_image(data: bytes, name: str) -> Image.Image:
     return decode_opened(image, name)
 
 
-def as_pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"image_size must be a positive int or (H, W), got {size!r}")
-    return pair
-
-
 def load_image(image: str | Path | Image.Image, image_size: int | tuple[int, int], channels: int) -> torch.Tensor:
     """uint8 (C, H, W) tensor of a file or PIL image, converted exactly as dataset images are."""
     if isinstance(image, Image.Image):
@@ -98,4 +97,4 @@ def load_image(image: str | Path | Image.Image, image_size: int | tuple[int, int
         if not path.is_file():
             raise FileNotFoundError(f"no image file at {path}")
         pil = open_image(path.read_bytes(), str(path))
-    return torch.from_numpy(to_uint8_array(pil, as_pair(image_size), channels).copy())
+    return torch.from_numpy(to_uint8_array(pil, to_2tuple(image_size), channels).copy())

@@ -15,7 +15,8 @@ from .cache import cache_root, load_cached, store
 from .cifar import CIFAR, CIFAR_BATCH_NAMES, decode_cifar, fetch_cifar, is_cifar_names
 from .cpu import one_cpu_thread
 from .folder import SourceFiles, decode_image_folder, is_archive, is_image_name, read_source_files, unreadable_message
-from .image import as_pair, to_uint8_array
+from ..model import to_2tuple
+from .image import to_uint8_array
 from .imageset import DataSplits, ImageSet, channel_stats
 from .splits import resolve_val_size, stratified_split
 
@@ -41,7 +42,7 @@ def decode_source(path: Path, image_size=None, channels: int | None = None) -> d
     read = read_source_files(path, _wanted)
     if is_cifar_names(read.files):
         decoded = decode_cifar(read, path)
-        if (image_size is not None and as_pair(image_size) != (32, 32)) or channels not in (None, 3):
+        if (image_size is not None and to_2tuple(image_size) != (32, 32)) or channels not in (None, 3):
             decoded["splits"] = {split: (_convert_all(images, image_size or 32, channels or 3), labels)
                                  for split, (images, labels) in decoded["splits"].items()}
         return decoded
@@ -52,7 +53,7 @@ def decode_source(path: Path, image_size=None, channels: int | None = None) -> d
 
 
 def _convert_all(images: np.ndarray, image_size, channels: int) -> np.ndarray:
-    size = as_pair(image_size)
+    size = to_2tuple(image_size)
     return np.stack([to_uint8_array(Image.fromarray(image.transpose(1, 2, 0)), size, channels)
                      for image in images])
 
@@ -81,7 +82,7 @@ def load_data(source: str | Path, *, val_size: int | float | None = None, split_
     ($VITLAB_CACHE, else ~/.cache/vitlab), so the second load skips decoding."""
     path = resolve_source(source, cache_dir)
     root = cache_root(cache_dir)
-    options = {"image_size": list(as_pair(image_size)) if image_size is not None else None,
+    options = {"image_size": list(to_2tuple(image_size)) if image_size is not None else None,
                "channels": channels}
     decoded = load_cached(path, options, root)
     if decoded is None and options != NATURAL:
