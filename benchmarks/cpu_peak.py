@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from vitlab.bench import device_name, matmul_tflops
+from vitlab.bench import matmul_tflops
+from vitlab.runtime import cpu_name
 
 SOURCE = Path(__file__).with_name("cpu_peak.c")
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             matmul[precision] = {size: 1e3 * matmul_tflops(size, dtype, torch.device("cpu"))
                                  for size in args.matmul_sizes}
 
-    cpu = device_name(torch.device("cpu"))
+    cpu = cpu_name()
     print(f"cpu_peak: {cpu}, {cores} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
     header = ("prec", "instruction", "peak GFLOP/s", "per core") + tuple(

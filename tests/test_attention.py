@@ -39,7 +39,8 @@ def test_maps_come_from_the_model_and_leave_its_mode_alone():
     model.eval()
     # eval mode inside: no dropout noise, so the probabilities are the model's own
     np.testing.assert_allclose(maps.probabilities, model(images).softmax(-1).detach().numpy(), atol=1e-5)
-    _, weights = model.blocks[0].attention.reference_forward(model.blocks[0].norm1(model.embed(images)))
+    block = model.blocks[0]
+    _, weights = block.attention(block.norm1(model.embed(images)), return_weights=True)
     np.testing.assert_allclose(maps.attentions[0], weights.detach().numpy(), atol=1e-6)
 
 

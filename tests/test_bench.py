@@ -1,4 +1,5 @@
-"""vitlab bench, and the fast paths it measures: each must equal the plain path it replaces."""
+"""vitlab bench, and the fast paths it measures: each must equal the plain path it replaces, and
+each hardware-specific one must fall back to a portable path where the hardware lacks it."""
 
 import copy
 import json
@@ -6,19 +7,24 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import vitlab
+import vitlab.inference
+import vitlab.model
+import vitlab.precision
 from vitlab.bench import BenchConfig, build_models, run_benchmark
 from vitlab.cli import main
-from vitlab.inference import PackedLinear, bf16_supported, inference_model, onednn_linear_available
-from vitlab.model import Attention, Dropout, dropout
+from vitlab.inference import PackedLinear, inference_model
+from vitlab.precision import packed_bf16_linear_supported
 from vitlab.presets import preset_config
 
 from .conftest import tiny_vit_kwargs
 
 TINY = dict(image_size=16, dim=32, depth=1, heads=2, mlp_dim=64)
-needs_bf16 = pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
-needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch has no oneDNN linear")
+needs_packed_linear = pytest.mark.skipif(
+    not packed_bf16_linear_supported(),
+    reason="oneDNN's prepacked bf16 linear needs AVX512-BW/VL/DQ or AVX-NE-CONVERT; this CPU has neither")
 
 
 @pytest.fixture
@@ -28,51 +34,86 @@ def bench_test_preset(monkeypatch):
     return "bench-test"
 
 
-def test_bench_prints_a_table_then_one_json_line_with_every_figure(capsys, bench_test_preset):
+@pytest.fixture
+def no_packed_linear(monkeypatch):
+    """Behave as on a CPU where oneDNN's prepacked bf16 linear does not run."""
+    monkeypatch.setattr(vitlab.inference, "packed_bf16_linear_supported", lambda: False)
+
+
+def _counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_bench_prints_a_table_then_one_json_line_with_every_figure(capsys, bench_test_preset, monkeypatch):
     assert main(["bench", "--preset", bench_test_preset, "--batch-size", "2", "--rounds", "1",
                  "--steps", "1", "--precision", "fp32", "--matmul-size", "64"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("vitlab bench: preset bench-test, batch 2, best of 1 round(s)")
-    assert any(line.split()[:2] == ["fp32", "vitlab"] and "x" in line for line in out)
+    assert out[0].startswith("vitlab bench: preset bench-test, batch 2")
     report = json.loads(out[-1])
-    assert {"preset", "batch_size", "device", "torch_version", "matmul_peak_tflops",
-            "forward_gflops_per_image", "training_gflops_per_image", "results", "ratios"} <= set(report)
     assert [r["implementation"] for r in report["results"]] == ["vitlab", "timm", "seed"]
-    for r in report["results"]:
-        assert r["train_img_s"] > 0 and r["inference_img_s"] > 0
-        assert r["train_peak_mib"] > 0 and 0 < r["train_utilisation"]
-        # achieved FLOP rate is throughput times the FLOPs that implementation runs
-        achieved = r["inference_img_s"] * r["forward_gflops_per_image"] / 1e3
-        assert r["inference_tflops"] == pytest.approx(achieved)
-        assert r["train_tflops"] == pytest.approx(3 * r["train_img_s"] * r["forward_gflops_per_image"] / 1e3)
-    by_name = {r["implementation"]: r["forward_gflops_per_image"] for r in report["results"]}
-    assert by_name["timm"] == by_name["seed"] == pytest.approx(report["forward_gflops_per_image"])
-    assert by_name["vitlab"] < report["forward_gflops_per_image"]  # [CLS]-only last block
-    assert "(vitlab runs " in out[1]
-    assert report["ratios"]["timm/timm fp32 train"] == 1.0
-    flops = vitlab.forward_flops(preset_config(bench_test_preset))
-    assert report["forward_gflops_per_image"] == pytest.approx(flops / 1e9)
+    for r in report["results"]:  # every row of the table, with its figures
+        assert any(line.split()[:2] == ["fp32", r["implementation"]] for line in out)
+        assert r["train_img_s"] > 0 and r["inference_img_s"] > 0 and r["train_peak_mib"] > 0
+
+    # The FLOPs the report divides by are what torch's own counter sees the models run, per image
+    # (the explicit attention path, so the counter sees the attention matmuls).
+    config = preset_config(bench_test_preset)
+    model = vitlab.VisionTransformer.from_config(config)
+    monkeypatch.setattr(vitlab.model, "prefers_explicit_attention", lambda *args: True)
+    images = torch.randn(1, 3, 16, 16, requires_grad=True)
+    with torch.no_grad():
+        full = _counted_flops(lambda: model.forward_head(model.forward_features(images)))
+        executed = _counted_flops(lambda: model(images))  # the [CLS]-only last block
+    trained = _counted_flops(lambda: model(images).sum().backward())
+    assert report["forward_gflops_per_image"] * 1e9 == pytest.approx(full)
+    by_name = {r["implementation"]: r for r in report["results"]}
+    assert by_name["timm"]["forward_gflops_per_image"] * 1e9 == pytest.approx(full)
+    assert by_name["seed"]["forward_gflops_per_image"] * 1e9 == pytest.approx(full)
+    vitlab_row = by_name["vitlab"]
+    assert vitlab_row["forward_gflops_per_image"] * 1e9 == pytest.approx(executed)
+    # achieved TFLOP/s: counted FLOPs per image times the images per second the run measured
+    assert vitlab_row["inference_tflops"] * 1e12 == pytest.approx(vitlab_row["inference_img_s"] * executed)
+    assert vitlab_row["train_tflops"] * 1e12 == pytest.approx(vitlab_row["train_img_s"] * trained)
 
 
-@needs_bf16
-def test_bench_in_bf16_serves_vitlab_with_bf16_weights_and_the_others_under_autocast():
-    report = run_benchmark(BenchConfig(preset="nano", batch_size=2, precisions=("fp32", "bf16"), rounds=1,
-                                       train_steps=1, inference_steps=1, matmul_size=64,
-                                       model_overrides=TINY), log=lambda line: None)
-    modes = {(r.implementation, r.precision): (r.train_mode, r.inference_mode) for r in report.results}
-    assert modes[("vitlab", "bf16")] == ("autocast", "bf16 weights")
-    assert modes[("timm", "bf16")] == ("autocast", "autocast")
+def test_bench_runs_bf16_on_any_cpu_and_says_when_it_is_emulated(capsys, bench_test_preset, monkeypatch,
+                                                                 no_packed_linear):
+    monkeypatch.setattr(vitlab.precision, "bf16_supported", lambda device: False)
+    report = run_benchmark(BenchConfig(preset=bench_test_preset, batch_size=2, precisions=("fp32", "bf16"),
+                                       rounds=1, train_steps=1, inference_steps=1, matmul_size=64),
+                           log=lambda line: None)
+    assert "bf16 requested but this cpu has no native bf16" in capsys.readouterr().err
+    assert {(r.implementation, r.precision) for r in report.results} == {
+        (name, precision) for name in ("vitlab", "timm", "seed") for precision in ("fp32", "bf16")}
+    assert all(r.train_img_s > 0 and r.inference_img_s > 0 for r in report.results)
     assert set(report.matmul_peak_tflops) == {"fp32", "bf16"}
-    assert "vitlab bf16 / timm fp32 inference" in report.ratios()
     assert "vitlab bf16 inference / timm fp32 inference:" in report.table()
 
 
-def test_bench_rejects_bad_settings(capsys):
-    with pytest.raises(ValueError, match="precision must be fp32, bf16 or both, got 'fp16'"):
+def test_bench_cli_auto_precision_times_fp32_only_where_bf16_is_emulated(capsys, bench_test_preset,
+                                                                        monkeypatch):
+    monkeypatch.setattr(vitlab.precision, "bf16_supported", lambda device: False)
+    assert main(["bench", "--preset", bench_test_preset, "--batch-size", "1", "--rounds", "1",
+                 "--steps", "1", "--matmul-size", "32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["precision"] for r in report["results"]} == {"fp32"}
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--batch-size", "0"], "must be positive"),
+    (["--device", "nonsense"], "unknown device 'nonsense'"),
+])
+def test_bench_rejects_bad_settings_in_one_line(capsys, argv, phrase):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and err.count("\n") == 1
+
+
+def test_bench_config_rejects_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be fp32, bf16 or both"):
         BenchConfig(precisions=("fp16",))
-    assert main(["bench", "--batch-size", "0"]) == 2
-    assert "vitlab bench: error: --batch-size, --rounds, --steps and --matmul-size must be positive" in \
-        capsys.readouterr().err
 
 
 def test_the_three_implementations_share_weights_and_agree():
@@ -84,57 +125,8 @@ def test_the_three_implementations_share_weights_and_agree():
     torch.testing.assert_close(logits["seed"], logits["vitlab"], atol=1e-3, rtol=1e-3)
 
 
-# ------------------------------------------------------------------ fast paths in vitlab.model
-def test_attention_matmul_path_equals_sdpa():
-    attention = Attention(dim=64, heads=8).eval()
-    x = torch.randn(3, 17, 64)
-    qkv = attention.qkv(x)
-    q, k, v = attention._split_heads(qkv)
-    sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 17, 64)
-    torch.testing.assert_close(attention._attend_with_matmuls(qkv, 0.0), sdpa, atol=1e-5, rtol=1e-5)
-
-
-def test_attention_gradients_agree_between_the_two_paths():
-    attention = Attention(dim=32, heads=4, attention_dropout=0.0)
-    x = torch.randn(2, 9, 32, requires_grad=True)
-    qkv = attention.qkv(x)
-    q, k, v = attention._split_heads(qkv)
-    sdpa = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 9, 32)
-    grad_sdpa = torch.autograd.grad(sdpa.square().sum(), x, retain_graph=True)[0]
-    grad_matmul = torch.autograd.grad(attention._attend_with_matmuls(qkv, 0.0).square().sum(), x)[0]
-    torch.testing.assert_close(grad_matmul, grad_sdpa, atol=1e-5, rtol=1e-5)
-
-
-def test_fast_dropout_keeps_the_expected_fraction_and_scales_exactly():
-    x = torch.ones(1000, 1000)
-    out = dropout(x, 0.1, training=True)
-    kept = out != 0
-    assert 0.898 < kept.float().mean().item() < 0.902  # 1e6 draws: 5 standard deviations
-    keep_probability = 1 - round(0.1 * 65536) / 65536
-    assert torch.all(out[kept] == 1 / keep_probability)
-    assert abs(out.mean().item() - 1.0) < 0.003  # the expectation is preserved
-    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
-
-
-def test_fast_dropout_gradient_is_the_same_mask_and_scale():
-    x = torch.randn(64, 33, requires_grad=True)
-    out = dropout(x, 0.25, training=True)
-    out.backward(torch.ones_like(out))
-    torch.testing.assert_close(x.grad, (out != 0).float() / 0.75)
-
-
-def test_fast_dropout_is_reproducible_and_a_drop_in_for_nn_dropout():
-    torch.manual_seed(1)
-    a = dropout(torch.ones(4, 50), 0.5)
-    torch.manual_seed(1)
-    assert torch.equal(a, dropout(torch.ones(4, 50), 0.5))
-    module = Dropout(0.3)
-    assert isinstance(module, torch.nn.Dropout) and repr(module) == "Dropout(p=0.3, inplace=False)"
-    assert torch.equal(module.eval()(a), a)
-
-
-def test_seed_model_trains_with_dropout_on_the_fast_paths():
-    # dropout 0.1 everywhere, as the seed preset: attention takes the matmul path on CPU
+def test_seed_model_trains_with_dropout():
+    # dropout 0.1 everywhere, as the seed preset: on CPU attention takes the explicit path
     model = vitlab.VisionTransformer(**tiny_vit_kwargs(dropout=0.1))
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 5
     model.train()
@@ -143,8 +135,8 @@ def test_seed_model_trains_with_dropout_on_the_fast_paths():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@needs_bf16
 def test_autocast_training_step_matches_timm_under_the_same_autocast():
+    # bf16 autocast runs on every CPU (emulated where it is not native): the model is tiny
     models = build_models(preset_config("nano", **TINY, dropout=0.0))
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 10
     grads = {}
@@ -157,35 +149,53 @@ def test_autocast_training_step_matches_timm_under_the_same_autocast():
 
 
 # ------------------------------------------------------------------ vitlab.inference
-@needs_bf16
-def test_bf16_inference_copy_agrees_with_fp32_and_leaves_the_model_alone():
-    torch.manual_seed(0)
-    model = vitlab.create_model("nano", **TINY)
-    before = copy.deepcopy(model.state_dict())
-    fast = inference_model(model, "bf16")
-    x = torch.randn(64, 3, 16, 16)
+def _check_bf16_copy(model, fast, x):
+    """bf16 logits close to fp32 ones, returned as fp32 from bf16 weights."""
     with torch.no_grad():
         reference, logits = model.eval()(x), fast(x)
     assert logits.dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
     assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    return logits
+
+
+def test_bf16_inference_copy_agrees_with_fp32_and_leaves_the_model_alone():
+    model = vitlab.create_model("nano", **TINY)
+    before = copy.deepcopy(model.state_dict())
+    fast = inference_model(model, "bf16")  # packed oneDNN weights where the probe says they run
+    packed = any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert packed == packed_bf16_linear_supported()
+    x = torch.randn(64, 3, 16, 16)
+    logits = _check_bf16_copy(model, fast, x)
     for key, value in model.state_dict().items():
         assert value.dtype == torch.float32 and torch.equal(value, before[key])
     unpacked = inference_model(model, "bf16", pack=False)  # what --compile traces
     assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(unpacked(x), logits, atol=0.05 * reference.abs().max().item(), rtol=0)
+    torch.testing.assert_close(_check_bf16_copy(model, unpacked, x), logits, atol=0.05 * logits.abs().max().item(),
+                               rtol=0)
+
+
+def test_bf16_inference_falls_back_to_plain_bf16_linear_without_the_packed_kernel(no_packed_linear):
+    model = vitlab.create_model("nano", **TINY)
+    fast = inference_model(model, "bf16")
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert not any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert isinstance(fast.module.blocks[0].mlp.act, torch.nn.GELU)  # nothing fused
+    _check_bf16_copy(model, fast, torch.randn(64, 3, 16, 16))
+    with pytest.raises(RuntimeError, match="use a bf16 nn.Linear"):
+        PackedLinear(torch.nn.Linear(8, 8))
 
 
 def test_fp32_inference_model_is_the_model_in_eval_mode():
     model = vitlab.VisionTransformer(**tiny_vit_kwargs()).train()
     assert inference_model(model, "fp32") is model and not model.training
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
         inference_model(model, "fp16")
 
 
-@needs_onednn
+@needs_packed_linear
 @pytest.mark.parametrize("shape", [(1, 32), (3, 5, 32), (2, 65, 32)])
 def test_packed_linear_equals_bf16_linear_with_and_without_gelu(shape):
     linear = torch.nn.Linear(32, 48)
@@ -197,13 +207,36 @@ def test_packed_linear_equals_bf16_linear_with_and_without_gelu(shape):
     assert PackedLinear(linear).state_dict().keys() == linear.state_dict().keys()
 
 
-@needs_onednn
+@needs_packed_linear
 def test_bf16_inference_copy_fuses_gelu_into_the_first_mlp_layer():
-    fast = inference_model(vitlab.create_model("nano", **TINY), "bf16").module
+    model = vitlab.create_model("nano", **TINY)
+    fast = inference_model(model, "bf16").module
     mlp = fast.blocks[0].mlp
     assert isinstance(mlp.fc1, PackedLinear) and mlp.fc1.activation == "gelu"
     assert isinstance(mlp.act, torch.nn.Identity) and mlp.fc2.activation == "none"
-    assert fast.state_dict().keys() == vitlab.create_model("nano", **TINY).state_dict().keys()
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():  # the fused layer computes what fc1 then GELU did
+        torch.testing.assert_close(mlp(x.bfloat16()).float(), model.blocks[0].mlp.eval()(x), atol=5e-2, rtol=5e-2)
+
+
+def test_packing_replaces_every_linear_and_fuses_gelu_on_any_cpu(monkeypatch):
+    """The wiring of the packed path, run everywhere: the two private oneDNN ops are replaced by
+    what they compute (the weight as is; linear, then GELU if asked)."""
+    def linear_pointwise(x, weight, bias, activation, scalars, algorithm):
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if activation == "gelu" else out
+
+    monkeypatch.setattr(vitlab.inference, "packed_bf16_linear_supported", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda weight: weight.detach().clone())
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", linear_pointwise)
+    model = vitlab.create_model("nano", **TINY)
+    fast = inference_model(model, "bf16")
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    mlp = fast.module.blocks[0].mlp
+    assert mlp.fc1.activation == "gelu" and isinstance(mlp.act, torch.nn.Identity)
+    assert fast.module.state_dict().keys() == model.state_dict().keys()
+    _check_bf16_copy(model, fast, torch.randn(64, 3, 16, 16))
 
 
 @pytest.mark.slow
@@ -218,7 +251,6 @@ def test_bench_compile_option_times_compiled_vitlab_and_timm_beside_eager(bench_
 
 @pytest.mark.slow
 def test_model_with_dropout_compiles_as_one_graph():
-    # under torch.compile the CPU dropout path hands over to inductor's own random numbers
     model = vitlab.VisionTransformer(**tiny_vit_kwargs(dropout=0.1))
     compiled = torch.compile(model, fullgraph=True)  # a graph break would raise
     logits = compiled(torch.randn(2, 3, 16, 16))

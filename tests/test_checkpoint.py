@@ -54,7 +54,9 @@ def test_crash_while_writing_weights_leaves_previous_checkpoint_intact(tmp_path,
     path = tmp_path / "last.safetensors"
     first = saved_classifier(path, seed=0)
 
-    real_atomic_write = ckpt.atomic_write
+    from vitlab import files
+
+    real_atomic_write = files.atomic_write
 
     def crash_half_way(target, write):
         def half_then_die(f):
@@ -64,7 +66,7 @@ def test_crash_while_writing_weights_leaves_previous_checkpoint_intact(tmp_path,
             raise KeyboardInterrupt  # ...when the process is killed
         return real_atomic_write(target, half_then_die)
 
-    monkeypatch.setattr(ckpt, "atomic_write", crash_half_way)
+    monkeypatch.setattr(files, "atomic_write", crash_half_way)  # every vitlab write goes through it
     with pytest.raises(KeyboardInterrupt):
         saved_classifier(path, seed=1)
     monkeypatch.undo()
@@ -139,3 +141,60 @@ def test_cli_without_checkpoint_says_no_default_weights(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitlab eval: error: no checkpoint given and no default weights ship")
     assert len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- class names and metadata
+def test_class_names_come_from_the_argument_and_stay_out_of_the_model_config(tmp_path):
+    model = vitlab.VisionTransformer(**tiny_vit_kwargs())
+    ckpt.save_model(tmp_path / "named.safetensors", model, class_names=NAMES, mean=MEAN, std=STD)
+    ckpt.save_model(tmp_path / "numbered.safetensors", model, mean=MEAN, std=STD)
+    assert vitlab.load(tmp_path / "named.safetensors").class_names == NAMES
+    assert vitlab.load(tmp_path / "numbered.safetensors").class_names == ["0", "1", "2", "3", "4"]
+    assert "class_names" not in ckpt.read_metadata(tmp_path / "named.safetensors")["model_config"]
+    with pytest.raises(ValueError, match="2 class names for a model with 5 classes"):
+        ckpt.save_model(tmp_path / "bad.safetensors", model, class_names=["x", "y"], mean=MEAN, std=STD)
+
+
+def test_checkpoint_with_class_names_in_its_model_config_still_loads(tmp_path):
+    """Checkpoints written before class names left ViTConfig kept a copy in model_config."""
+    path = tmp_path / "old.safetensors"
+    model = saved_classifier(path).eval()
+    raw = ckpt.read_safetensors_metadata(path)
+    config = json.loads(raw["model_config"])
+    raw["model_config"] = json.dumps({**config, "class_names": NAMES})
+    save_file(load_file(path), path, metadata=raw)
+    loaded = vitlab.load(path)
+    x = torch.randn(2, 3, 16, 16)
+    assert loaded.class_names == NAMES and torch.equal(loaded(x), model(x))
+
+
+def test_one_safetensors_metadata_reader_for_checkpoints_and_foreign_files(tmp_path):
+    path = tmp_path / "model.safetensors"
+    saved_classifier(path)
+    raw = ckpt.read_safetensors_metadata(path)
+    assert raw["format"] == ckpt.FORMAT and json.loads(raw["class_names"]) == NAMES
+    assert all(isinstance(v, str) for v in raw.values())
+    save_file({"weight": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    assert ckpt.read_safetensors_metadata(tmp_path / "plain.safetensors") == {}
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        ckpt.read_safetensors_metadata(tmp_path / "junk.safetensors")
+
+
+def test_load_takes_a_device_and_an_inference_precision(tmp_path):
+    model = saved_classifier(tmp_path / "best.safetensors").eval()
+    x = torch.rand(4, 3, 16, 16)
+    from vitlab.runtime import resolve_device
+
+    assert vitlab.load(tmp_path, device="auto").device.type == resolve_device("auto").type
+    fp32 = vitlab.load(tmp_path, device="cpu", precision="fp32")
+    assert fp32.precision == "fp32" and fp32.inference_precision == "fp32"
+    with torch.no_grad():
+        expected = model(fp32.preprocess(x)).softmax(-1)
+    assert torch.equal(fp32.probabilities(x), expected)
+    bf16 = vitlab.load(tmp_path, precision="bf16")
+    assert bf16.inference_precision == "bf16"
+    assert (bf16.probabilities(x) - expected).abs().max() < 0.01
+    assert vitlab.load(tmp_path).precision == "auto"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        vitlab.load(tmp_path, precision="fp16")

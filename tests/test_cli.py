@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import vitlab
 from vitlab.cli import main
 
@@ -32,3 +34,16 @@ def test_models_json(capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "vitlab", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("vitlab ")
+
+
+def test_inference_commands_take_a_precision(capsys):
+    from vitlab.cli import build_parser
+
+    parser = build_parser()
+    for command in (["predict", "run", "a.png"], ["embed", "run", "a.png", "--out", "f.npy"],
+                    ["eval", "run", "--data", "images"]):
+        assert parser.parse_args(command).precision == "auto"  # the machine's fastest by default
+        assert parser.parse_args(command + ["--precision", "bf16"]).precision == "bf16"
+        with pytest.raises(SystemExit, match="2"):
+            parser.parse_args(command + ["--precision", "fp16"])
+        assert "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -145,3 +145,26 @@ def test_batches_on_cuda_match_the_cpu_batches():
     on_gpu = collect(BatchLoader(data, 8, device="cuda", **kwargs))
     assert on_gpu[0][0].device.type == "cuda"
     assert all(torch.allclose(a.cpu(), x) and torch.equal(b.cpu(), y) for (a, b), (x, y) in zip(on_gpu, on_cpu))
+
+
+def test_alternating_flips_show_every_image_both_ways_in_two_epochs():
+    """flip_mode="alternate": an image flipped in one epoch is unflipped in the next, and about half
+    the images flip in any epoch; "random" gives no such guarantee."""
+    n = 64
+    images = torch.arange(n * 3 * 4 * 4, dtype=torch.int64).remainder(251).to(torch.uint8).view(n, 3, 4, 4)
+    data = ImageSet(images, torch.arange(n) % 2, ["a", "b"])
+    loader = BatchLoader(data, n, mean=(0.5,) * 3, std=(0.5,) * 3, train=True,
+                         augment=AugmentConfig(flip=True, flip_mode="alternate"), seed=3)
+
+    def flipped_in(epoch: int) -> torch.Tensor:
+        loader.set_epoch(epoch)
+        index = torch.arange(n)
+        out, _ = loader.make_batch(index, batch_seed=epoch)
+        plain = (images.float() - 127.5) / 127.5
+        return (out - plain.flip(3)).abs().flatten(1).amax(1) < 1e-6  # (N,) mirrored images
+
+    epoch0, epoch1, epoch2 = flipped_in(0), flipped_in(1), flipped_in(2)
+    assert bool((epoch0 ^ epoch1).all()) and torch.equal(epoch0, epoch2)
+    assert 16 < int(epoch0.sum()) < 48
+    with pytest.raises(ValueError, match="flip_mode"):
+        AugmentConfig(flip=True, flip_mode="sometimes")

@@ -15,7 +15,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_embed_files_returns_pre_logits_features_in_file_order(run_dir, tmp_path):
-    classifier = vitlab.load(run_dir)
+    classifier = vitlab.load(run_dir, precision="fp32")  # the head below runs in fp32 too
     files = sorted((run_dir.parent / "images" / "train" / "circle").glob("*.png"))[:3]
     (tmp_path / "bad.png").write_bytes(b"not an image")
     paths, features, problems = embed_files(classifier, [*map(str, files), str(tmp_path / "bad.png")])
@@ -45,3 +45,14 @@ def test_embed_cli_writes_npy_and_row_order(run_dir, tmp_path, capsys):
     assert "features to" in capsys.readouterr().out
     assert main(["embed", str(run_dir), str(folder), "--out", str(tmp_path / "f.csv")]) == 2
     assert "must end in .npy" in capsys.readouterr().err
+
+
+def test_embed_cli_precision_flag_gives_close_features(run_dir, tmp_path, capsys):
+    folder = run_dir.parent / "images" / "train" / "circle"
+    for precision in ("fp32", "bf16"):
+        assert main(["embed", str(run_dir), str(folder), "--out", str(tmp_path / f"{precision}.npy"),
+                     "--precision", precision]) == 0
+    fp32, bf16 = np.load(tmp_path / "fp32.npy"), np.load(tmp_path / "bf16.npy")
+    assert fp32.shape == bf16.shape and bf16.dtype == np.float32
+    relative = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert relative.max() < 0.05 and not np.array_equal(bf16, fp32)

@@ -4,14 +4,7 @@ from safetensors.torch import save_file
 
 import vitlab
 from vitlab import VisionTransformer
-from vitlab.finetune import (
-    adapt_input_channels,
-    detect_format,
-    freeze_backbone,
-    load_initial_weights,
-    param_groups,
-    read_state_dict,
-)
+from vitlab.weights import adapt_input_channels, detect_format, load_initial_weights, read_state_dict
 from vitlab.reference import SeedVisionTransformer
 
 from .conftest import tiny_vit_kwargs
@@ -109,27 +102,6 @@ def test_read_state_dict_refuses_pickled_objects_and_garbage(tmp_path):
         read_state_dict(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match="no weights file at"):
         read_state_dict(tmp_path / "missing.pt")
-
-
-def test_freeze_backbone_leaves_only_the_head_trainable():
-    model = VisionTransformer(**tiny_vit_kwargs())
-    assert freeze_backbone(model) == 32 * 5 + 5
-    model(torch.randn(2, 3, 16, 16)).sum().backward()
-    assert model.head.weight.grad is not None and model.blocks[0].mlp.fc1.weight.grad is None
-
-
-def test_layer_wise_decay_scales_early_layers_down():
-    model = VisionTransformer(**tiny_vit_kwargs(depth=2))
-    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
-    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
-    assert scale["head.weight"] == 1.0
-    assert scale["blocks.1.mlp.fc1.weight"] == 0.5
-    assert scale["blocks.0.mlp.fc1.weight"] == 0.25
-    assert scale["patch_embedding.projection.weight"] == 0.125
-    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
-    assert decay["pos_embedding"] == 0.0 and decay["blocks.0.norm1.weight"] == 0.0
-    assert decay["blocks.0.attention.qkv.weight"] == 0.05
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
 # ---------------------------------------------------------------- end to end through vitlab.train
@@ -257,3 +229,46 @@ def test_fine_tune_cifar_checkpoint_on_two_classes_at_another_size(cifar_jpeg_ar
     out = capsys.readouterr().out
     assert "replaced the head: 10 -> 2 classes" in out and "from a 4x4 to a 6x6 patch grid" in out
     assert result.best_val_top1 > 0.75  # chance is 0.5
+
+
+def test_initial_weights_from_a_checkpoint_fix_the_architecture(tmp_path):
+    """InitialWeights (what --init reads) on a vitlab checkpoint, one whose model_config still
+    holds class names (as checkpoints did before they moved out of ViTConfig), and a timm file."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from vitlab.checkpoint import read_safetensors_metadata, save_model
+    from vitlab.presets import preset_config
+    from vitlab.weights import InitialWeights
+
+    source = VisionTransformer(**tiny_vit_kwargs(image_size=24, init="trunc_normal")).eval()
+    path = tmp_path / "best.safetensors"
+    save_model(path, source, class_names=list("abcde"), mean=(0.5,) * 3, std=(0.5,) * 3)
+    raw = read_safetensors_metadata(path)
+    raw["model_config"] = json.dumps({**json.loads(raw["model_config"]), "class_names": list("abcde")})
+    save_file(load_file(path), path, metadata=raw)
+
+    init = InitialWeights(tmp_path)  # a run directory: its best checkpoint
+    assert init.config.dim == 32 and init.config.image_size in (24, (24, 24))
+    assert set(init.tensors) == set(source.state_dict())
+    config = init.model_config(preset_config("nano"), {"image_size": 16})
+    assert (config.dim, config.depth, to_pair(config.image_size)) == (32, 2, (16, 16))
+    model = VisionTransformer.from_config(config).eval()
+    notes = init.load_into(model)
+    assert notes[0].startswith(f"initialised from {tmp_path}: loaded") and "(vitlab format)" in notes[0]
+    assert any("from a 6x6 to a 4x4 patch grid" in n for n in notes)
+    assert torch.equal(model.head.weight, source.head.weight)
+
+    # a bare state_dict file carries no architecture: the run's preset is kept as it is
+    torch.save(source.state_dict(), tmp_path / "plain.pt")
+    plain = InitialWeights(tmp_path / "plain.pt")
+    base = preset_config("nano")
+    assert plain.config is None and plain.model_config(base, {"image_size": 16}) is base
+    save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="not a ViT state_dict"):
+        InitialWeights(tmp_path / "foreign.safetensors")
+
+
+def to_pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)

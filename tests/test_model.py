@@ -1,10 +1,15 @@
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import vitlab
-from vitlab import PatchEmbedding, TransformerEncoderBlock, VisionTransformer
-from vitlab.model import Attention
+import vitlab.model
+from vitlab import PatchEmbedding, TransformerEncoderBlock, ViTConfig, VisionTransformer
+from vitlab.model import Attention, DropPath, prefers_explicit_attention
+from vitlab.reference import SeedVisionTransformer
 
 from .conftest import tiny_vit_kwargs
 
@@ -12,17 +17,39 @@ SEED_ARGS = dict(image_size=32, patch_size=4, in_channels=3, num_classes=10, dim
                  heads=8, mlp_dim=2048)
 
 
+@pytest.fixture(params=["explicit", "fused"])
+def attention_path(request, monkeypatch):
+    """Runs a test once on each attention path, whatever this machine would prefer."""
+    explicit = request.param == "explicit"
+    monkeypatch.setattr(vitlab.model, "prefers_explicit_attention", lambda *args: explicit)
+    return request.param
+
+
 def test_seed_instance_has_the_seed_parameter_count_and_output_shape():
     model = VisionTransformer(**SEED_ARGS)
     assert model.num_parameters() == 18_979_338
-    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_state_dict_names_are_the_ones_checkpoints_use():
+    model = VisionTransformer(**tiny_vit_kwargs(depth=1, layer_scale=0.1))
+    assert list(model.state_dict()) == [
+        "cls_token", "pos_embedding", "patch_embedding.projection.weight", "patch_embedding.projection.bias",
+        "blocks.0.norm1.weight", "blocks.0.norm1.bias",
+        "blocks.0.attention.qkv.weight", "blocks.0.attention.qkv.bias",
+        "blocks.0.attention.proj.weight", "blocks.0.attention.proj.bias",
+        "blocks.0.norm2.weight", "blocks.0.norm2.bias",
+        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
+        "blocks.0.scale1.gamma", "blocks.0.scale2.gamma",
+        "head_norm.weight", "head_norm.bias", "head.weight", "head.bias",
+    ]
 
 
 def test_patch_embedding_shapes_and_divisibility_error():
     embed = PatchEmbedding(32, 4, 3, 512)
-    assert embed.num_patches == 64
+    assert embed.num_patches == 64 and embed.grid_size == (8, 8)
     assert embed(torch.randn(2, 3, 32, 32)).shape == (2, 64, 512)
-    with pytest.raises(ValueError, match=r"30x30 is not divisible by patch size 4"):
+    with pytest.raises(ValueError, match="not divisible by patch size 4"):
         PatchEmbedding(30, 4, 3, 512)
 
 
@@ -37,17 +64,17 @@ def test_encoder_block_keeps_shape_and_is_pre_norm_residual():
 
 
 @pytest.mark.parametrize(
-    "shape, message",
+    "shape, phrase",
     [
-        ((3, 16, 16), r"expected a 4-D image batch \(B, C, H, W\), got 3-D"),
+        ((3, 16, 16), r"expected a 4-D image batch"),
         ((2, 1, 16, 16), r"expected 3 input channels, got 1"),
-        ((2, 3, 18, 18), r"image size 18x18 is not divisible by patch size 4"),
+        ((2, 3, 18, 18), r"18x18 is not divisible by patch size 4"),
         ((2, 3, 24, 24), r"expected 16x16 images, got 24x24"),
     ],
 )
-def test_bad_input_raises_value_error_naming_the_numbers(shape, message):
+def test_bad_input_raises_value_error_naming_the_numbers(shape, phrase):
     model = VisionTransformer(**tiny_vit_kwargs())
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=phrase):
         model(torch.randn(*shape))
 
 
@@ -60,18 +87,30 @@ def test_every_parameter_gets_a_finite_gradient():
         assert param.grad.abs().sum() > 0, name
 
 
-def test_fused_attention_equals_the_plain_reference_path():
+# ------------------------------------------------------------------ attention: two paths, one result
+def test_fused_and_explicit_attention_agree_in_values_and_gradients(monkeypatch):
+    attention = Attention(dim=64, heads=8)
+    x = torch.randn(3, 17, 64, requires_grad=True)
+    results = {}
+    for explicit in (True, False):
+        monkeypatch.setattr(vitlab.model, "prefers_explicit_attention", lambda *args: explicit)
+        out = attention(x)
+        results[explicit] = (out, *torch.autograd.grad(out.square().sum(), [x, attention.qkv.weight]))
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_returned_weights_are_the_textbook_softmax_and_give_the_same_output():
     attention = Attention(dim=64, heads=8).eval()
     x = torch.randn(3, 17, 64)
-    fused = attention(x)
-    reference, weights = attention.reference_forward(x)
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-    assert weights.shape == (3, 8, 17, 17)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 8, 17))
+    out, weights = attention(x, return_weights=True)
+    q, k, _ = attention.qkv(x).reshape(3, 17, 3, 8, 8).permute(2, 0, 3, 1, 4)  # (B, h, T, d)
+    torch.testing.assert_close(weights, (q @ k.transpose(-2, -1) / 8**0.5).softmax(-1))
+    torch.testing.assert_close(out, attention(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # SDPA and the CPU matmul path
-def test_cls_only_attention_equals_the_first_row_of_full_attention(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cls_only_attention_equals_the_first_row_of_full_attention(dtype, attention_path):
     attention = Attention(dim=64, heads=8).eval().to(dtype)
     x = torch.randn(3, 17, 64, dtype=dtype)
     cls_row = attention(x, cls_only=True)
@@ -79,8 +118,7 @@ def test_cls_only_attention_equals_the_first_row_of_full_attention(dtype):
     torch.testing.assert_close(cls_row, attention(x)[:, :1])
 
 
-def test_forward_skips_all_but_cls_in_the_last_block_with_the_same_logits_and_gradients():
-    torch.manual_seed(0)
+def test_forward_skips_all_but_cls_in_the_last_block_with_the_same_logits_and_gradients(attention_path):
     model = VisionTransformer(**tiny_vit_kwargs(depth=3))  # train mode, dropout 0
     x = torch.randn(4, 3, 16, 16)
     assert model.forward_features(x, cls_only=True).shape == (4, 1, 32)
@@ -101,15 +139,29 @@ def test_mean_pooled_forward_runs_every_token_through_every_block():
     torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)))
 
 
-def test_attention_uses_sdpa_not_multihead_attention(monkeypatch):
+def _sdpa_calls(monkeypatch) -> list:
     calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_fp32_attention_without_dropout_runs_sdpa_not_multihead_attention(monkeypatch):
+    calls = _sdpa_calls(monkeypatch)
     model = VisionTransformer(**tiny_vit_kwargs(depth=3))
     model(torch.randn(1, 3, 16, 16))
     assert len(calls) == 3
     assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype, dropout", [(torch.bfloat16, 0.0), (torch.float32, 0.1)])
+def test_on_cpu_bf16_or_attention_dropout_takes_the_explicit_path(monkeypatch, dtype, dropout):
+    assert prefers_explicit_attention(torch.device("cpu"), dtype, dropout)
+    assert not prefers_explicit_attention(torch.device("cuda"), dtype, dropout)  # flash kernels there
+    calls = _sdpa_calls(monkeypatch)
+    model = VisionTransformer(**tiny_vit_kwargs(attention_dropout=dropout)).to(dtype)
+    assert torch.isfinite(model(torch.randn(2, 3, 16, 16))).all()
+    assert calls == []
 
 
 def test_intermediates_leave_the_output_unchanged():
@@ -132,13 +184,13 @@ def test_forward_features_and_head_split():
 
 
 def test_mean_pooling_differs_from_cls_pooling():
-    torch.manual_seed(0)
     cls_model = VisionTransformer(**tiny_vit_kwargs()).eval()
     mean_model = VisionTransformer(**tiny_vit_kwargs(pooling="mean")).eval()
     mean_model.load_state_dict(cls_model.state_dict())
     x = torch.randn(2, 3, 16, 16)
     tokens = cls_model.forward_features(x)
     torch.testing.assert_close(mean_model.pool(tokens), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(cls_model.pool(tokens, "mean"), tokens[:, 1:].mean(1))
     assert not torch.allclose(mean_model(x), cls_model(x))
 
 
@@ -155,10 +207,45 @@ def test_qkv_bias_option():
     assert no_bias.num_parameters() == VisionTransformer(**tiny_vit_kwargs()).num_parameters() - 2 * 3 * 32
 
 
-def test_attention_dropout_defaults_to_dropout_like_the_seed_and_can_be_set():
-    assert VisionTransformer(**tiny_vit_kwargs(dropout=0.1)).blocks[0].attention.attention_dropout == 0.1
-    model = VisionTransformer(**tiny_vit_kwargs(dropout=0.1, attention_dropout=0.3))
-    assert model.blocks[0].attention.attention_dropout == 0.3
+# ------------------------------------------------------------------ regularisation
+def _manual_attention(attention: Attention, x: torch.Tensor, p: float) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) with dropout p on the weights, then V and the projection."""
+    b, t, d = x.shape
+    q, k, v = attention.qkv(x).reshape(b, t, 3, attention.heads, -1).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-2, -1) * attention.scale).softmax(-1)
+    out = F.dropout(weights, p, training=True) @ v
+    return attention.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("options, p", [({"dropout": 0.3}, 0.3),  # the seed: attention dropout = dropout
+                                        ({"dropout": 0.0, "attention_dropout": 0.5}, 0.5)])
+def test_attention_dropout_drops_attention_weights_in_training(options, p):
+    attention = VisionTransformer(**tiny_vit_kwargs(**options)).blocks[0].attention.train()
+    x = torch.randn(2, 17, 32)
+    assert not torch.allclose(attention(x), attention(x))  # a fresh mask each call
+    torch.manual_seed(7)
+    out = attention(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(out, _manual_attention(attention, x, p))
+    attention.eval()
+    torch.testing.assert_close(attention(x), _manual_attention(attention, x, 0.0))
+
+
+def test_attention_dropout_zero_keeps_attention_deterministic_while_other_dropout_is_on():
+    model = VisionTransformer(**tiny_vit_kwargs(dropout=0.5, attention_dropout=0.0)).train()
+    x = torch.randn(2, 17, 32)
+    attention = model.blocks[0].attention
+    torch.testing.assert_close(attention(x), attention(x))
+    assert not torch.allclose(model.blocks[0].mlp(x), model.blocks[0].mlp(x))
+
+
+def test_fused_path_applies_attention_dropout_too(monkeypatch):
+    monkeypatch.setattr(vitlab.model, "prefers_explicit_attention", lambda *args: False)
+    attention = Attention(dim=32, heads=4, attention_dropout=0.5).train()
+    x = torch.randn(2, 17, 32)
+    assert not torch.allclose(attention(x), attention(x))
+    attention.eval()
+    torch.testing.assert_close(attention(x), _manual_attention(attention, x, 0.0), atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_is_active_in_training_and_off_in_eval():
@@ -170,7 +257,43 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     torch.testing.assert_close(model(x), model(x))
 
 
-def test_stochastic_depth_rates_rise_linearly_and_vanish_in_eval():
+def test_drop_path_zeroes_whole_samples_and_scales_the_rest():
+    drop = DropPath(0.5).train()
+    branch = torch.randn(64, 5, 8, requires_grad=True)
+    out = drop(branch)
+    dropped = (out == 0).flatten(1).all(1)
+    kept = torch.isclose(out, branch * 2).flatten(1).all(1)
+    assert torch.all(dropped ^ kept)  # every sample is either all zero or the branch / (1 - rate)
+    assert 10 < dropped.sum() < 54  # both happen (64 fair coins)
+    out.sum().backward()
+    expected = torch.where(kept[:, None, None], 2.0, 0.0).expand_as(branch)
+    torch.testing.assert_close(branch.grad, expected)  # the gradient takes the same mask and scale
+    assert drop.eval()(branch) is branch
+
+
+def test_stochastic_depth_drops_residual_branches_per_sample_in_training_only():
+    block = TransformerEncoderBlock(dim=32, heads=4, mlp_dim=64, dropout=0.0, drop_path=0.5)
+    x = torch.randn(64, 9, 32)
+    block.eval()
+    full = block(x)
+    assert not (full == x).flatten(1).all(1).any()  # in eval every branch contributes
+    block.train()
+    torch.manual_seed(3)
+    out = block(x)
+    # the same step by hand: one Bernoulli(1/2) keep mask per sample and branch, scaled by 2
+    torch.manual_seed(3)
+    keep1 = torch.empty(64, 1, 1).bernoulli_(0.5)
+    y = x + block.attention(block.norm1(x)) * keep1 / 0.5
+    keep2 = torch.empty(64, 1, 1).bernoulli_(0.5)
+    y = y + block.mlp(block.norm2(y)) * keep2 / 0.5
+    torch.testing.assert_close(out, y)
+    both_dropped = (keep1 + keep2).flatten() == 0
+    assert 0 < both_dropped.sum() < 64
+    assert torch.equal(out[both_dropped], x[both_dropped])  # nothing but the residual path
+    assert not torch.allclose(out[~both_dropped], full[~both_dropped])
+
+
+def test_stochastic_depth_rates_rise_linearly_over_the_blocks():
     model = VisionTransformer(**tiny_vit_kwargs(depth=3, drop_path=0.2))
     rates = [getattr(b.drop_path, "rate", 0.0) for b in model.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
@@ -196,6 +319,21 @@ def test_layer_norm_eps_option():
             if isinstance(m, nn.LayerNorm)} == {1e-5}
 
 
+# ------------------------------------------------------------------ initialisation
+def test_seed_init_draws_every_tensor_as_the_seed_reference_model_does():
+    args = dict(SEED_ARGS, depth=1)
+    mine = VisionTransformer(**args).state_dict()
+    theirs = vitlab.from_seed_state_dict(SeedVisionTransformer(**args).state_dict())
+    assert mine.keys() == theirs.keys()
+    for name, value in mine.items():
+        reference = theirs[name]
+        if torch.all(reference == reference.flatten()[0]):  # LayerNorm ones, zero biases
+            assert torch.equal(value, reference), name
+        else:  # the same distribution: the same spread, up to sampling noise
+            tolerance = 0.05 + 3 / value.numel() ** 0.5
+            assert value.std().item() / reference.std().item() == pytest.approx(1, abs=tolerance), name
+
+
 def test_seed_init_draws_tokens_from_a_unit_normal_and_trunc_normal_is_small():
     seed = VisionTransformer(**SEED_ARGS)
     assert 0.9 < seed.pos_embedding.std().item() < 1.1
@@ -206,12 +344,27 @@ def test_seed_init_draws_tokens_from_a_unit_normal_and_trunc_normal_is_small():
     assert trunc.blocks[0].mlp.fc1.bias.abs().max() == 0
 
 
+def test_reset_parameters_is_reproducible_under_a_seed():
+    model = VisionTransformer(**tiny_vit_kwargs(layer_scale=0.1, init="trunc_normal"))
+    torch.manual_seed(5)
+    model.reset_parameters()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    model.reset_parameters()
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())
+    assert torch.all(model.blocks[0].scale1.gamma == 0.1)
+
+
+# ------------------------------------------------------------------ resolution
 def test_set_image_size_resamples_the_position_embedding():
     model = VisionTransformer(**tiny_vit_kwargs()).eval()
+    config = model.config
     model.set_image_size(32)
     assert model.pos_embedding.shape == (1, 1 + 64, 32)
-    assert model.config.image_size == 32
+    assert model.config.image_size == 32 and config.image_size == 16  # replaced, not mutated
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    with pytest.raises(ValueError, match="not divisible by patch size"):
+        model.set_image_size(30)
 
 
 def test_resampling_to_the_same_grid_changes_nothing_and_keeps_cls_entry():
@@ -231,6 +384,7 @@ def test_dynamic_image_size_runs_other_resolutions_without_changing_the_model():
     assert model.pos_embedding.shape == (1, 17, 32)
 
 
+# ------------------------------------------------------------------ training utilities
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = VisionTransformer(**tiny_vit_kwargs())
     x = torch.randn(2, 3, 16, 16)
@@ -252,7 +406,6 @@ def test_state_dict_round_trip_gives_identical_logits():
 
 
 def test_one_batch_can_be_overfit():
-    torch.manual_seed(0)
     model = VisionTransformer(**tiny_vit_kwargs(init="trunc_normal"))
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -275,16 +428,51 @@ def test_no_weight_decay_names_norms_biases_and_tokens():
 
 def test_reset_classifier_changes_only_the_head():
     model = VisionTransformer(**tiny_vit_kwargs()).eval()
+    config = model.config
     x = torch.randn(2, 3, 16, 16)
     before = model.forward_features(x)
-    model.reset_classifier(7, class_names=list("abcdefg"))
+    model.reset_classifier(7)
     assert model(x).shape == (2, 7)
-    assert model.config.class_names == list("abcdefg")
+    assert model.config.num_classes == 7 and config.num_classes == 5  # replaced, not mutated
     torch.testing.assert_close(model.forward_features(x), before)
 
 
-def test_config_rejects_nonsense():
-    with pytest.raises(ValueError, match=r"dim \(30\) must be divisible by heads \(4\)"):
-        VisionTransformer(**tiny_vit_kwargs(dim=30))
-    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean'"):
-        VisionTransformer(**tiny_vit_kwargs(pooling="max"))
+# ------------------------------------------------------------------ the config
+@pytest.mark.parametrize("override, phrase", [
+    ({"dim": 30}, r"dim \(30\) must be divisible by heads \(4\)"),
+    ({"heads": 0}, "heads must be a positive integer"),
+    ({"depth": 0}, "depth must be a positive integer"),
+    ({"patch_size": 0}, "patch_size must be a positive integer"),
+    ({"mlp_dim": -1}, "mlp_dim must be a positive integer"),
+    ({"num_classes": 0}, "num_classes must be a positive integer"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"attention_dropout": -0.1}, r"attention_dropout must be in \[0, 1\)"),
+    ({"drop_path": 1.5}, r"drop_path must be in \[0, 1\)"),
+    ({"norm_eps": 0.0}, "norm_eps must be positive"),
+    ({"layer_scale": 0.0}, "layer_scale must be positive"),
+    ({"pooling": "max"}, "pooling must be 'cls' or 'mean'"),
+    ({"init": "xavier"}, "init must be 'seed' or 'trunc_normal'"),
+    ({"image_size": 0}, "image size must be a positive int"),
+])
+def test_config_rejects_nonsense_in_one_line(override, phrase):
+    with pytest.raises(ValueError, match=phrase) as error:
+        VisionTransformer(**tiny_vit_kwargs(**override))
+    assert "\n" not in str(error.value)
+
+
+def test_config_is_frozen_and_round_trips_through_a_dict():
+    config = VisionTransformer(**tiny_vit_kwargs(image_size=(16, 24))).config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dim = 64
+    d = config.to_dict()
+    assert d["image_size"] == [16, 24]  # JSON has lists
+    assert ViTConfig.from_dict(d) == config
+
+
+def test_old_checkpoint_configs_with_class_names_still_load():
+    config = ViTConfig(**tiny_vit_kwargs())
+    d = {**config.to_dict(), "class_names": ["plane", "car", "bird", "cat", "deer"]}  # legacy key
+    assert ViTConfig.from_dict(d) == config
+    assert VisionTransformer.from_config(d).config == config
+    with pytest.raises(ValueError, match="unknown model config keys: colour"):
+        ViTConfig.from_dict({"colour": "red"})

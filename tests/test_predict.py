@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 import vitlab
 from vitlab.cli import main
 from vitlab.predict import predict_files
+from tests.conftest import tiny_vit_kwargs
 from tests.image_fixtures import class_image, train_tiny_run
 
 
@@ -66,7 +68,7 @@ def test_cli_predict_json_table_globs_and_exit_status(run, odd_images, capsys):
 
 
 def test_python_api_predict_and_embed_on_pil_and_tensors(run):
-    model = vitlab.load(run)
+    model = vitlab.load(run, precision="fp32")  # compared with the fp32 model below
     rng = np.random.default_rng(2)
     pil = Image.fromarray(class_image(2, rng, 16))
     [[(label, probability), *_]] = model.predict(pil)
@@ -84,3 +86,38 @@ def test_python_api_predict_and_embed_on_pil_and_tensors(run):
     torch.testing.assert_close(features, model.model.forward_head(tokens, pre_logits=True))
     with pytest.raises(ValueError, match="cannot classify a int"):
         model.predict(3)
+
+
+def test_every_suffix_training_reads_is_predicted_in_a_folder(tmp_path):
+    """A folder holding one image per suffix in IMAGE_EXTENSIONS (.pbm and .pgm included)."""
+    from vitlab.data.image import IMAGE_EXTENSIONS
+
+    formats = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+               ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM"}
+    assert set(formats) == set(IMAGE_EXTENSIONS)  # a new suffix gets a line here
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(class_image(0, rng, 16))
+    modes = {".pgm": "L", ".pbm": "1"}
+    for suffix, fmt in formats.items():
+        picture.convert(modes.get(suffix, "RGB")).save(tmp_path / f"image{suffix}", format=fmt)
+    (tmp_path / "notes.txt").write_text("not an image")  # skipped: not an image suffix
+
+    classifier = vitlab.Classifier(vitlab.VisionTransformer(**tiny_vit_kwargs(num_classes=3)))
+    results = predict_files(classifier, [tmp_path], top_k=1)
+    assert sorted(Path(r.path).suffix for r in results) == sorted(formats)
+    assert all(r.error is None and len(r.top) == 1 for r in results), [r.error for r in results]
+
+
+def test_cli_predict_precision_flag(run, odd_images, capsys):
+    image = str(odd_images / "a_big_circle.jpg")
+    rows = {}
+    for precision in ("fp32", "bf16", "auto"):
+        assert main(["predict", str(run), image, "--json", "--precision", precision]) == 0
+        rows[precision] = json.loads(capsys.readouterr().out)["predictions"]
+    assert rows["fp32"][0]["class"] == rows["bf16"][0]["class"] == "circle"
+    assert rows["bf16"][0]["probability"] == pytest.approx(rows["fp32"][0]["probability"], abs=0.01)
+    expected = rows["bf16"] if vitlab.load(run).inference_precision == "bf16" else rows["fp32"]
+    assert rows["auto"] == expected
+    with pytest.raises(SystemExit):
+        main(["predict", str(run), image, "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -61,8 +61,8 @@ def test_cli_summary_of_a_checkpoint(tmp_path, capsys):
 def test_cli_summary_of_something_unknown_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["summary", "nanoo"]) == 2
-    assert capsys.readouterr().err == ("vitlab summary: error: nanoo is neither a checkpoint (no such file or "
-                                       f"directory) nor a model preset ({', '.join(vitlab.list_models())})\n")
+    err = capsys.readouterr().err
+    assert "nanoo is neither a checkpoint" in err and "nor a model preset" in err and err.count("\n") == 1
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["summary", "notes.txt"]) == 2
     assert "notes.txt is not a .safetensors checkpoint" in capsys.readouterr().err

@@ -1,16 +1,13 @@
 """vitlab: a readable, fast Vision Transformer for image classification."""
 
-from importlib import metadata as _metadata
-
 from .attention import attention_maps
 from .plots import plot_attention
 from .checkpoint import load_checkpoint as load
 from .classifier import Classifier
 from .config import TrainConfig, train_preset
-from .convert import from_seed_state_dict, from_timm_state_dict, timm_model_kwargs, to_timm_state_dict
 from .embed import embed_files
 from .export import export_model
-from .finetune import freeze_backbone, load_initial_weights
+from .optim import freeze_backbone
 from .flops import forward_flops, training_flops
 from .inference import inference_model
 from .model import (
@@ -22,12 +19,15 @@ from .model import (
 )
 from .presets import create_model, list_models
 from .summary import summarize
-from .trainer import TrainResult, train
-
-try:
-    __version__ = _metadata.version("vitlab")
-except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from .train import TrainResult, train
+from .version import __version__
+from .weights import (
+    from_seed_state_dict,
+    from_timm_state_dict,
+    load_initial_weights,
+    timm_model_kwargs,
+    to_timm_state_dict,
+)
 
 __all__ = [
     # the model

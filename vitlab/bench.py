@@ -1,4 +1,4 @@
-"""Side-by-side speed of vitlab, timm's VisionTransformer and the seed's reference model.
+"""Side-by-side speed of vitlab, timm's VisionTransformer and the tutorial's reference model.
 
 Everything runs in one process on one device with the same weights, and the implementations
 take turns round by round: a neighbour that steals the CPU for a few seconds slows whichever
@@ -14,15 +14,16 @@ What is timed, per implementation and precision:
   allocated before the step (so: activations, gradients, temporaries; not the weights).
 
 bf16 means: training under torch.autocast for everyone; inference under the same autocast for
-timm and the seed's model, and through vitlab.inference.inference_model (weights cast to bf16
+timm and the tutorial's model, and through vitlab.inference.inference_model (weights cast to bf16
 once) for vitlab, which is how vitlab serves bf16. The table says which mode each row used.
+bf16 runs on any device; where vitlab.precision says it is not native (a CPU without
+AVX512-BF16 or AMX) it is emulated and slower than fp32, and the command says so.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -32,11 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import from_seed_state_dict, timm_model_kwargs, to_timm_state_dict
 from .flops import forward_flops, training_flops
-from .inference import bf16_supported, inference_model
+from .inference import inference_model
 from .model import ViTConfig, VisionTransformer
+from .precision import resolve_precision
 from .presets import preset_config
+from .runtime import cpu_name, resolve_device
+from .weights import from_seed_state_dict, timm_model_kwargs, to_timm_state_dict
 
 IMPLEMENTATIONS = ("vitlab", "timm", "seed")
 
@@ -76,24 +79,16 @@ class Contender:
     optimizer: torch.optim.Optimizer
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
-
-
 def seed_compatible(config: ViTConfig) -> bool:
-    """The seed's code only builds square, [CLS]-pooled models without the later options."""
+    """The tutorial's code only builds square, [CLS]-pooled models without the later options."""
     return (isinstance(config.image_size, int) and config.pooling == "cls" and config.qkv_bias
             and config.layer_scale is None and config.drop_path == 0.0
             and config.attention_dropout in (None, config.dropout))
 
 
 def build_models(config: ViTConfig) -> dict[str, nn.Module]:
-    """vitlab, timm and (where it can express the config) the seed's model, all with one set of
-    weights: the seed's init when the seed model exists, else vitlab's."""
+    """vitlab, timm and (where it can express the config) the tutorial's model, all with one set of
+    weights: the tutorial's init when the seed model exists, else vitlab's."""
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
     from .reference import SeedVisionTransformer
@@ -343,24 +338,16 @@ class BenchReport:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    """The GPU's or the CPU's marketing name."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def run_benchmark(config: BenchConfig, log=print) -> BenchReport:
     import timm
 
     device = resolve_device(config.device)
-    if "bf16" in config.precisions and not bf16_supported(device):
-        raise ValueError(f"{device.type} has no native bf16 support here; use --precision fp32")
+    for precision in config.precisions:  # notes on stderr where bf16 is emulated
+        resolve_precision(precision, device, command="vitlab bench")
     model_config = preset_config(config.preset, **config.model_overrides)
     torch.manual_seed(0)
     contenders = build_contenders(build_models(model_config), config, device)

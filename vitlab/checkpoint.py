@@ -55,29 +55,33 @@ def save_model(
     """Writes the weights of a VisionTransformer or Classifier as safetensors, atomically.
 
     The metadata holds what load_checkpoint needs to rebuild a working classifier: the model
-    config, class names and preprocessing. A Classifier supplies its own names and mean/std.
+    config, class names and preprocessing. A Classifier supplies its own names and mean/std; for a
+    bare VisionTransformer pass `class_names` (else they are "0", "1", ...), `mean` and `std`.
     `state_dict` saves other weights for this architecture (the EMA's); `extra` adds JSON fields
     (epoch, which weights, accuracy).
     """
     from safetensors.torch import save
 
     vit = _unwrap(model)
-    class_names = class_names or getattr(model, "class_names", None) or vit.config.class_names
+    num_classes = vit.config.num_classes
+    class_names = class_names if class_names is not None else getattr(model, "class_names", None)
+    class_names = [str(c) for c in class_names] if class_names is not None else \
+        [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with {num_classes} classes")
     mean = mean if mean is not None else getattr(model, "mean", None)
     std = std if std is not None else getattr(model, "std", None)
     if mean is None or std is None:
         raise ValueError("save_model needs the normalisation mean and std the model was trained with")
-    config = vit.config.to_dict()
-    config["class_names"] = list(class_names) if class_names is not None else None
-    if config["class_names"] is None:
-        config["class_names"] = [str(i) for i in range(config["num_classes"])]
+    # class names live beside the config, not in it (checkpoints before that kept a copy there)
+    config = {k: v for k, v in vit.config.to_dict().items() if k != "class_names"}
     h, w = vit.patch_embedding.image_size
     preprocessing = {"mean": [float(m) for m in mean], "std": [float(s) for s in std],
                      "image_size": [h, w], "in_channels": vit.config.in_channels}
     metadata = {
         "format": FORMAT,
         "model_config": json.dumps(config),
-        "class_names": json.dumps(config["class_names"]),
+        "class_names": json.dumps(class_names),
         "preprocessing": json.dumps(preprocessing),
     }
     for key, value in (extra or {}).items():
@@ -112,32 +116,43 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON-decoded metadata of a vitlab checkpoint, with a one-line error for anything else."""
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The raw string metadata in a .safetensors file's header ({} when it has none), read without
+    loading any tensor. The one reader of safetensors headers: vitlab checkpoints and --init files."""
     from safetensors import safe_open
 
-    path = resolve_checkpoint(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-    except Exception as error:
+            return dict(f.metadata() or {})
+    except Exception as error:  # SafetensorError, OSError, ...: a torn or foreign file
         raise ValueError(f"{path} is corrupt or truncated and cannot be read as safetensors "
                          f"({error})") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON-decoded metadata of a vitlab checkpoint, with a one-line error for anything else."""
+    path = resolve_checkpoint(path)
+    raw = read_safetensors_metadata(path)
     if raw.get("format") != FORMAT or "model_config" not in raw:
         raise ValueError(
             f"{path} is a safetensors file without vitlab metadata (model config, class names); "
-            f"save it with vitlab.checkpoint.save_model, or load timm/seed weights with vitlab.convert"
+            f"save it with vitlab.checkpoint.save_model, or start from timm/seed weights with "
+            f"vitlab.weights (vitlab train --init)"
         )
     return {k: (json.loads(v) if k != "format" else v) for k, v in raw.items()}
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuilds the Classifier saved in `path` (a run directory or .safetensors file)."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto"):
+    """Rebuilds the Classifier saved in `path` (a run directory or .safetensors file) on `device`
+    ("cpu", "cuda", "auto": CUDA when there is one). `precision` ("auto", "bf16", "fp32") is the
+    number format its predict/probabilities/embed run in; see Classifier.precision."""
     from safetensors.torch import load_file
 
     from .classifier import Classifier
     from .model import ViTConfig, VisionTransformer
+    from .runtime import resolve_device
 
+    device = resolve_device(device)
     path = resolve_checkpoint(path)
     meta = read_metadata(path)
     try:
@@ -150,7 +165,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     check_weights_match(model, tensors, path)
     model.load_state_dict(tensors, strict=True, assign=True)
     pre = meta["preprocessing"]
-    classifier = Classifier(model, class_names=meta["class_names"], mean=pre["mean"], std=pre["std"])
+    classifier = Classifier(model, class_names=meta["class_names"], mean=pre["mean"], std=pre["std"],
+                            precision=precision)
     classifier.metadata = meta
     return classifier.eval()
 

@@ -1,4 +1,12 @@
-"""A trained model that knows its classes and preprocessing: what vitlab.load returns."""
+"""A trained model that knows its classes and preprocessing: what vitlab.load returns.
+
+Inference (predict, probabilities, embed) runs in the fastest number format the machine computes
+natively, unless told otherwise: `precision` "auto" is bf16 where the hardware has it (AVX512-BF16
+or AMX CPUs, Ampere+ GPUs) and fp32 elsewhere (vitlab.precision decides, as for training and
+`vitlab bench`). For bf16 the classifier builds a bf16 copy of its network once
+(vitlab.inference.inference_model) and keeps it until the weights change; `.model` and forward()
+stay the fp32 VisionTransformer, for training, export and state_dict.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import inference_model
 from .model import VisionTransformer
+from .precision import PRECISIONS, resolve_precision
 
 
 class Classifier(nn.Module):
@@ -21,11 +31,13 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, model: VisionTransformer, class_names: Sequence[str] | None = None,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 *, precision: str = "auto"):
         super().__init__()
         self.model = model
         k = model.config.num_classes
-        self.class_names = list(class_names or model.config.class_names or [str(i) for i in range(k)])
+        self.class_names = [str(c) for c in class_names] if class_names is not None else \
+            [str(i) for i in range(k)]
         if len(self.class_names) != k:
             raise ValueError(f"{len(self.class_names)} class names for a model with {k} classes")
         c = model.config.in_channels
@@ -34,6 +46,52 @@ class Classifier(nn.Module):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.metadata: dict[str, Any] = {}
+        self.precision = precision
+        # (weights' identity and version, device) -> the bf16 copy; a plain dict, so the copy is
+        # not a submodule and never enters state_dict(), parameters() or .to()
+        self._bf16_copy: dict[tuple, nn.Module] = {}
+
+    # ---------------------------------------------------------------- precision
+    @property
+    def precision(self) -> str:
+        """The requested inference precision: "auto", "bf16" or "fp32" (see the module docstring)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self._precision = precision
+        self._resolved: dict[str, str] = {}  # device -> "bf16" | "fp32", resolved once per device
+
+    def set_precision(self, precision: str) -> "Classifier":
+        """Sets `precision` and returns the classifier: vitlab.load(path).set_precision("fp32")."""
+        self.precision = precision
+        return self
+
+    @property
+    def inference_precision(self) -> str:
+        """What `precision` means on the current device: "bf16" or "fp32"."""
+        device = str(self.device)
+        if device not in self._resolved:
+            self._resolved[device] = resolve_precision(self.precision, device, command="vitlab")
+        return self._resolved[device]
+
+    def inference_network(self) -> nn.Module:
+        """The network predict/probabilities/embed run: `.model` itself for fp32, else its bf16
+        copy (fp32 images in, fp32 logits out), built on first use and rebuilt when a weight of
+        `.model` changes (an optimizer step, load_state_dict, .to())."""
+        if self.inference_precision == "fp32":
+            return self.model.eval()
+        # a tensor's _version counts its in-place changes: any new weight gives a new key
+        key = tuple((p.data_ptr(), p._version, str(p.device)) for p in self.model.parameters())
+        if key not in self._bf16_copy:
+            self._bf16_copy.clear()
+            # normal tensors even when first asked inside torch.inference_mode()
+            with torch.inference_mode(False), torch.no_grad():
+                copy = inference_model(self.model, "bf16")
+            self._bf16_copy[key] = copy.requires_grad_(False)
+        return self._bf16_copy[key]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -88,9 +146,10 @@ class Classifier(nn.Module):
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()
     def probabilities(self, images) -> torch.Tensor:
-        """Softmax class probabilities (B, K)."""
+        """Softmax class probabilities (B, K), fp32, computed at `inference_precision`."""
         self.eval()
-        return F.softmax(self(self.preprocess(images)).float(), dim=-1)
+        network = self.inference_network()
+        return F.softmax(network(self.preprocess(images)).float(), dim=-1)
 
     def predict(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """For each image, the top_k (class name, probability) pairs, most likely first."""
@@ -101,7 +160,7 @@ class Classifier(nn.Module):
 
     @torch.inference_mode()
     def embed(self, images, pooling: str | None = None) -> torch.Tensor:
-        """Pre-logits features (B, D): the pooled, normalised token the head classifies.
+        """Pre-logits features (B, D), fp32: the pooled, normalised token the head classifies.
 
         pooling=None uses the model's own ("cls" or "mean"); pass the other to compare.
         """
@@ -109,6 +168,9 @@ class Classifier(nn.Module):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be None, 'cls' or 'mean', got {pooling!r}")
         self.eval()
+        # the VisionTransformer inside the bf16 wrapper, whose embed() casts the fp32 images itself
+        network = self.inference_network()
+        vit = getattr(network, "module", network)
         # [CLS] alone needs only its own row from the last block
-        tokens = self.model.forward_features(self.preprocess(images), cls_only=pooling == "cls")  # (B, T or 1, D)
-        return self.model.head_norm(self.model.pool(tokens, pooling)).float()  # (B, D)
+        tokens = vit.forward_features(self.preprocess(images), cls_only=pooling == "cls")  # (B, T or 1, D)
+        return vit.head_norm(vit.pool(tokens, pooling)).float()  # (B, D)

@@ -1,72 +1,154 @@
 """Training recipes: a TrainConfig dataclass and named presets, read from flags or a config file.
 
 Precedence, lowest first: the recipe preset, the config file (YAML, TOML or JSON), then flags.
+A resumed run (`resume_config`) starts from the config.json its run directory saved instead.
+Each TrainConfig field carries its flag's help text (`option`), from which `vitlab train` builds
+its flags.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 DEFAULT_DATA = "../shared/datasets/cifar10-jpeg-train.tar.gz"
+PRECISIONS = ("auto", "bf16", "fp32")  # as vitlab.precision (not imported: `vitlab --help` stays torch-free)
+
+
+def option(default: Any = None, help: str = "", **flag) -> Any:
+    """A TrainConfig field: its default, the help text of its `vitlab train` flag, and how the flag
+    reads its value (flag=..., metavar=..., choices=..., parse=..., group=...; see vitlab.cli.train)."""
+    metadata = {"help": help, **flag}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE parsed as YAML (numbers, true/false, null, lists), else kept as text."""
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def parse_count_or_fraction(text: str) -> int | float:
+    """"5000" -> 5000 images, "0.1" -> a tenth of them, "0" -> none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a count of images or a fraction below 1, got {text!r}") from None
+    if value >= 1 or value == 0:
+        if value != int(value):
+            raise ValueError(f"expected a whole count of images or a fraction below 1, got {text!r}")
+        return int(value)
+    return value
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; saved resolved as config.json in the run directory."""
+    """Everything one training run needs; saved resolved as config.json in the run directory.
 
-    model: str = "nano"  # a model preset (vitlab models)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # ViTConfig fields, e.g. drop_path
-    data: str = DEFAULT_DATA  # any source vitlab.data.load_data accepts
-    val_size: int | float | None = None  # None: the data's default (5,000 for CIFAR-10)
-    split_seed: int = 0  # which images form the validation split; keep fixed across runs
-    subset: int | None = None  # train on the first N images of the training split
-    epochs: int = 10
-    batch_size: int = 128  # global: divided among processes under torchrun
-    eval_batch_size: int = 500
-    lr: float = 1e-3  # peak, reached after warmup
-    min_lr: float = 1e-5  # end of the cosine
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    clip_grad: float | None = 1.0  # max global gradient norm; None turns clipping off
-    ema_decay: float | None = 0.999  # None turns the weight EMA off
-    precision: str = "auto"  # "bf16" | "fp32" | "auto" (bf16 where the hardware has it)
-    compile: bool = False
-    sync_every: int | None = None  # steps between host reads of the loss; None: 1 on CPU, 25 on GPU
-    augment: str = "light"  # a vitlab.data augment preset
-    augment_overrides: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    out: str = "runs/vitlab"
-    resume: str | None = None
+    Each field is also a `vitlab train` flag (--field-name) with the help text given here; a
+    recipe preset (TRAIN_PRESETS) sets most of them.
+    """
+
+    model: str = option("nano", "model preset (see vitlab models), overriding the recipe's")
+    model_overrides: dict[str, Any] = option(
+        {}, "override a model config field, e.g. drop_path=0.1 (repeatable)",
+        flag="--model-arg", metavar="KEY=VALUE", parse=parse_key_value)
+    data: str = option(DEFAULT_DATA, "dataset: CIFAR archive, image folder, .tar/.tar.gz/.zip, "
+                                     "cifar10/cifar100 (see vitlab data)", metavar="SOURCE")
+    val_size: int | float | None = option(
+        None, "validation images: a count, or a fraction < 1; 0 for none (default: the data's, "
+              "5,000 for CIFAR-10)", parse=parse_count_or_fraction)
+    split_seed: int = option(0, "which images form the validation split; keep it fixed across runs")
+    subset: int | None = option(None, "train on the first N training images, taken round-robin over "
+                                      "the classes", metavar="N")
+    epochs: int = option(10, "epochs to train (the schedule's length)")
+    batch_size: int = option(128, "global batch size (split among torchrun processes)")
+    eval_batch_size: int = option(500, "batch size for the validation pass")
+    lr: float = option(1e-3, "peak learning rate, reached after warmup")
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine")
+    weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, tokens)")
+    warmup_epochs: float = option(1.0, "epochs of linear warmup (fractions allowed)")
+    label_smoothing: float = option(0.1, "label smoothing, in [0, 1)")
+    clip_grad: float | None = option(1.0, "max global gradient norm; 0 turns clipping off")
+    ema_decay: float | None = option(0.999, "weight EMA decay, in (0, 1); 0 turns the EMA off")
+    precision: str = option("auto", "bf16 autocast where the hardware has native bf16 (auto), or "
+                                    "always (bf16), or never (fp32)", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model")
+    sync_every: int | None = option(None, "optimizer steps between host reads of the loss (NaN and "
+                                          "Ctrl-C checks); default 1 on CPU, 25 on GPU", metavar="N")
+    augment: str = option("light", "augmentation preset: none, light, strong")
+    augment_overrides: dict[str, Any] = option(
+        {}, "override an augmentation field, e.g. mixup_alpha=0.2 (repeatable)",
+        flag="--augment-arg", metavar="KEY=VALUE", parse=parse_key_value)
+    seed: int = option(0, "seed for initialisation, data order and augmentation")
+    device: str = option("auto", "auto (CUDA when there is one), cpu, cuda or cuda:N")
+    out: str = option("runs/vitlab", "run directory to create (default runs/<preset>)", metavar="DIR")
+    resume: str | None = option(None, "continue the run in DIR from its last checkpoint, with its "
+                                      "saved config (later flags override it)", metavar="DIR")
+    overwrite: bool = option(False, "start the --out directory afresh even if it holds a run")
+    max_steps: int | None = option(
+        None, "stop after optimizer step N of the run (counted from its start), saving the state as "
+              "Ctrl-C does (status 'stopped', exit 0); --resume then continues without this limit",
+        metavar="N")
     # fine-tuning: start from trained weights (vitlab checkpoint, or a timm / seed state_dict)
-    init: str | None = None
-    init_partial: bool = False  # skip (and list) weights that do not fit instead of failing
-    freeze: str | None = None  # "backbone": train only the head (a linear probe)
-    layer_decay: float = 1.0  # < 1: block i's lr is scaled by layer_decay ** (depth - i)
+    init: str | None = option(
+        None, "start from these weights: a vitlab run directory or checkpoint (its architecture is "
+              "used), or a timm / seed state_dict (.safetensors, .pt, .pth)",
+        metavar="WEIGHTS", group="fine-tuning")
+    init_partial: bool = option(False, "skip and list weights that do not fit instead of failing",
+                                group="fine-tuning")
+    freeze: str | None = option(None, "train only the classifier head", choices=("backbone",),
+                                group="fine-tuning")
+    layer_decay: float = option(1.0, "layer-wise lr decay: block i trains at lr * decay ** (depth - i)",
+                                group="fine-tuning")
 
     def __post_init__(self) -> None:
         # 0 is how flags and files say "off" for these two
         self.clip_grad = self.clip_grad or None
         self.ema_decay = self.ema_decay or None
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16', 'fp32' or 'auto', got {self.precision!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.subset is not None and self.subset < 1:
-            raise ValueError(f"subset must be a positive number of images, got {self.subset}")
+        for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
+                     "ema_decay", "layer_decay", "val_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "subset", "sync_every", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name, ok, rule in [
+            ("lr", self.lr > 0, "must be positive"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"must be in [0, lr={self.lr}]"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "must be positive, or 0 for off"),
+            ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1,
+             "must be in (0, 1), or 0 for off"),
+            ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]"),
+            ("val_size", self.val_size is None or self.val_size >= 0, "must be >= 0"),
+        ]:
+            if not ok:
+                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.freeze not in (None, "backbone"):
             raise ValueError(f"freeze must be 'backbone' or None, got {self.freeze!r}")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.resume and self.overwrite:
+            raise ValueError("overwrite and resume contradict each other: --resume continues a run, "
+                             "--overwrite starts it over")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +163,7 @@ class TrainConfig:
         return cls(**d)
 
 
-# Recipes sized for where each model trains. The nano recipe is the README's main job: about ten
+# Recipes sized for where each model trains. The nano recipe is the README's first command: about ten
 # minutes on an idle 2-core AVX512-BF16 CPU (measured in the README), so few epochs, a short
 # warmup, a high peak lr and a fast EMA; larger models get the DeiT-style long schedule and
 # stronger augmentation that ViTs need from scratch on small data.
@@ -102,10 +184,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DESCRIPTIONS = {
-    "nano": "main job: ~10 min on an idle 2-core CPU",
+    "nano": "quick start: ~9 min on a 2-core CPU with native bf16",
     "tiny": "a few hours on a laptop CPU, minutes on a GPU",
     "small": "GPU recipe",
-    "seed": "the seed document's model, GPU recipe",
+    "seed": "the tutorial's model, GPU recipe",
     "finetune": "from --init weights: lr 2e-4, warmup 0.5 epoch, layer decay 0.75",
 }
 
@@ -162,3 +244,22 @@ def resolve_config(preset: str | None = None, file: str | Path | None = None, **
         merged[key] = {**TRAIN_PRESETS.get(preset, {}).get(key, {}), **from_file.get(key, {}),
                        **given.get(key, {})}
     return train_preset(preset, **merged)
+
+
+# Fields a run directory's config.json does not carry into a resumed run: where the run is, and
+# what only one invocation asked for (start over; stop after N steps).
+NOT_RESUMED = ("resume", "out", "overwrite", "max_steps")
+
+
+def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
+    """The config to continue the run in `run_dir`: its saved config.json, then `overrides` (None
+    means "not given"; model_overrides / augment_overrides are merged key by key). This is what
+    `vitlab train --resume DIR [flags]` and `vitlab.train(resume=DIR, **overrides)` both run."""
+    from .rundir import read_config
+
+    stored = {k: v for k, v in read_config(run_dir).items() if k != "resolved" and k not in NOT_RESUMED}
+    given = {k: v for k, v in overrides.items() if v is not None and k not in ("resume", "out")}
+    merged = {**stored, **given}
+    for key in ("model_overrides", "augment_overrides"):
+        merged[key] = {**stored.get(key, {}), **given.get(key, {})}
+    return TrainConfig.from_dict({**merged, "resume": str(run_dir), "out": str(run_dir)})

@@ -73,15 +73,15 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
 
     split "val" rebuilds the validation split the checkpoint was trained with: its val_size and
     split_seed are read from the checkpoint unless given, so the held-out images are the same ones.
+    precision "auto" runs bf16 where the device computes it natively, else fp32 (vitlab.precision),
+    with the network predict and embed use (Classifier.inference_network).
     """
     from .checkpoint import load_checkpoint
     from .data import BatchLoader, load_data
-    from .trainer import resolve_precision
+    from .runtime import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    run_device = torch.device(device)
-    classifier = load_checkpoint(checkpoint, device=run_device)
+    run_device = resolve_device(device)
+    classifier = load_checkpoint(checkpoint, device=run_device, precision=precision)
     trained_on = classifier.metadata.get("data") or {}
     if val_size is None:
         val_size = trained_on.get("val_size")
@@ -99,5 +99,5 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
                          f"on {classifier.class_names[:5]}...; evaluate on data with the same classes")
     loader = BatchLoader(available[split], batch_size, mean=classifier.mean, std=classifier.std, train=False,
                          device=run_device)
-    return evaluate(classifier, loader, len(classifier.class_names),
-                    bf16=resolve_precision(precision, run_device), class_names=classifier.class_names)
+    return evaluate(classifier.inference_network(), loader, len(classifier.class_names),
+                    class_names=classifier.class_names)

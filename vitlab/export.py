@@ -3,9 +3,10 @@
 The exported graph maps normalised float images (batch, C, H, W) to logits (batch, K), with a
 dynamic batch dimension. Everything needed to use it travels inside the file as string metadata
 (ONNX metadata_props, TorchScript _extra_files["vitlab.json"]): class names, per-channel mean/std,
-input size and channels, and the model config. After writing, the file is loaded back with its own
-runtime and its logits compared with PyTorch's on two batch sizes; the file only appears under
-its name once that check passes (it is written to a temporary file and renamed).
+input size and channels, and the model config. The file is serialised in memory, loaded back from
+those bytes with its own runtime and its logits compared with PyTorch's on two batch sizes; only
+once that check passes is it written, atomically (vitlab.files), so `out` holds the old file or
+the new one, never a torn or unverified one.
 
 ONNX goes through the torch.export-based exporter (dynamo=True, the default since PyTorch 2.9):
 for this model it gives a clean opset-20 graph (SDPA lowered to MatMul/Softmax, one LayerNorm op
@@ -17,9 +18,9 @@ large. TorchScript uses torch.jit.trace: torch.jit.script cannot compile the mod
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ from pathlib import Path
 import torch
 
 from .classifier import Classifier
+from .files import atomic_write_bytes
 from .model import VisionTransformer
+from .version import __version__
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX_FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript"}
@@ -98,8 +101,6 @@ def check_writable(out: str | Path) -> Path:
 
 def export_metadata(classifier) -> dict[str, str]:
     """String key/value pairs stored in the exported file; JSON for everything that is not text."""
-    from . import __version__
-
     config = classifier.model.config
     channels = config.in_channels
     height, width = classifier.image_size
@@ -142,9 +143,7 @@ def _verification_batches(model: VisionTransformer, sizes: tuple[int, ...]) -> l
     return [torch.randn(n, model.config.in_channels, height, width, generator=generator) for n in sizes]
 
 
-def _write_onnx(model: VisionTransformer, example: torch.Tensor, metadata: dict[str, str], path: Path) -> None:
-    import onnx
-
+def _onnx_bytes(model: VisionTransformer, example: torch.Tensor, metadata: dict[str, str]) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,31 +154,32 @@ def _write_onnx(model: VisionTransformer, example: torch.Tensor, metadata: dict[
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    return proto.SerializeToString()
 
 
-def _run_onnx(path: Path, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+def _run_onnx(data: bytes, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     outputs = [torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]) for x in batches]
     return outputs, f"onnxruntime {onnxruntime.__version__}"
 
 
-def _write_torchscript(model: VisionTransformer, example: torch.Tensor, metadata: dict[str, str],
-                       path: Path) -> None:
+def _torchscript_bytes(model: VisionTransformer, example: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # trace warns about the model's Python shape checks; they only guard bad input and the
         # batch size flows through as a traced size, which verification checks at two sizes.
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
+        torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_METADATA: json.dumps(metadata)})
+    return buffer.getvalue()
 
 
-def _run_torchscript(path: Path, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+def _run_torchscript(data: bytes, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(path), map_location="cpu")
+        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
         with torch.no_grad():
             outputs = [loaded(x) for x in batches]
     return outputs, f"torch.jit.load (torch {torch.__version__})"
@@ -198,8 +198,8 @@ def export_model(
     """Exports `model` (a VisionTransformer or vitlab.Classifier) to `out` and verifies the file.
 
     format: "onnx" or "torchscript" (None: from the suffix, .onnx / .pt). class_names, mean, std
-    default to the Classifier's; a bare model gets vitlab.Classifier's defaults (config class
-    names or "0", "1", ...; mean = std = 0.5).
+    default to the Classifier's; a bare model gets vitlab.Classifier's defaults (class names
+    "0", "1", ...; mean = std = 0.5).
     Raises ValueError if the file's logits differ from PyTorch's by more than 1e-4; in that case,
     and on any other failure, nothing is left at `out` (an existing file there is kept as it was).
     """
@@ -221,28 +221,18 @@ def export_model(
     batches = _verification_batches(vit, tuple(verify_batch_sizes))
     # Batch 2 as the example: torch.export specialises a dimension whose example size is 1.
     example = _verification_batches(vit, (2,))[0]
-    write, run = (_write_onnx, _run_onnx) if format == "onnx" else (_write_torchscript, _run_torchscript)
-
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(descriptor)
-    temporary = Path(temporary)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the result should not be
-    try:
-        write(vit, example, metadata, temporary)
-        outputs, runtime = run(temporary, batches)
-        with torch.no_grad():
-            expected = [vit(x) for x in batches]
-        for x, got, want in zip(batches, outputs, expected):
-            if tuple(got.shape) != tuple(want.shape):
-                raise ValueError(f"verification failed: the exported model gave logits of shape "
-                                 f"{tuple(got.shape)} for a batch of {x.shape[0]}, PyTorch {tuple(want.shape)}")
-        diff = max(float((got - want).abs().max()) for got, want in zip(outputs, expected))
-        if not diff <= TOLERANCE:
-            raise ValueError(f"verification failed: {runtime} logits differ from PyTorch by up to "
-                             f"{diff:.2e} (> {TOLERANCE:g}); nothing was written to {out}")
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
+    serialise, run = (_onnx_bytes, _run_onnx) if format == "onnx" else (_torchscript_bytes, _run_torchscript)
+    data = serialise(vit, example, metadata)
+    outputs, runtime = run(data, batches)
+    with torch.no_grad():
+        expected = [vit(x) for x in batches]
+    for x, got, want in zip(batches, outputs, expected):
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"verification failed: the exported model gave logits of shape "
+                             f"{tuple(got.shape)} for a batch of {x.shape[0]}, PyTorch {tuple(want.shape)}")
+    diff = max(float((got - want).abs().max()) for got, want in zip(outputs, expected))
+    if not diff <= TOLERANCE:
+        raise ValueError(f"verification failed: {runtime} logits differ from PyTorch by up to "
+                         f"{diff:.2e} (> {TOLERANCE:g}); nothing was written to {out}")
+    atomic_write_bytes(out, data)
     return ExportResult(out, format, diff, tuple(verify_batch_sizes), runtime, metadata)

@@ -10,42 +10,22 @@ Buffers (such as a Classifier's normalisation mean and std) stay fp32.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16")
+from .model import MLP
+from .precision import bf16_supported, packed_bf16_linear_supported
 
-
-def bf16_supported(device: torch.device | str) -> bool:
-    """Whether `device` runs bf16 matmuls natively (AVX512-BF16/AMX on CPU; Ampere+ on CUDA)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # without AVX512-BF16 or AMX, oneDNN emulates bf16 and it is slower than fp32
-        if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):
-            return True
-        try:
-            flags = Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
-def default_precision(device: torch.device | str) -> str:
-    """bf16 wherever the hardware has it, else fp32."""
-    return "bf16" if bf16_supported(device) else "fp32"
-
-
-def onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+__all__ = ["PackedLinear", "bf16_supported", "inference_model", "pack_linears"]
 
 
 class PackedLinear(nn.Module):
     """A bf16 nn.Linear for CPU inference, optionally followed by GELU, in one oneDNN call.
+
+    Uses private oneDNN ops (torch.ops.mkldnn) that only run on some CPUs (AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT): build it only where vitlab.precision.packed_bf16_linear_supported() is True,
+    as inference_model does; everywhere else a plain bf16 nn.Linear does the same job.
 
     The weight is reordered once into oneDNN's blocked layout (nn.Linear reorders it on every
     call), the bias add and GELU run inside the matmul while its output is still in cache, and
@@ -58,6 +38,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         if activation not in ("none", "gelu"):
             raise ValueError(f"activation must be 'none' or 'gelu', got {activation!r}")
+        if not packed_bf16_linear_supported():
+            raise RuntimeError("PackedLinear needs oneDNN's prepacked bf16 linear, which this CPU or "
+                               "PyTorch build cannot run; use a bf16 nn.Linear (inference_model does)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.activation = activation
         self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
@@ -78,20 +61,27 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(module: nn.Module) -> None:
-    """Swaps every nn.Linear in `module` for a PackedLinear, fusing an exact nn.GELU that
-    directly follows one inside an nn.Sequential (vitlab's MLP: fc1, act, ...) into it."""
+    """Swaps every nn.Linear in `module` for a PackedLinear, and fuses an exact nn.GELU into the
+    layer before it where a module applies them back to back: vitlab's MLP (fc1, act) and
+    nn.Sequential (children in order)."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, PackedLinear(child))
         else:
             pack_linears(child)
-    if isinstance(module, nn.Sequential):
-        children = list(module.named_children())
-        for (name, child), (next_name, following) in zip(children, children[1:]):
-            if (isinstance(child, PackedLinear) and child.activation == "none"
-                    and isinstance(following, nn.GELU) and following.approximate == "none"):
-                child.activation = "gelu"
-                setattr(module, next_name, nn.Identity())
+    if isinstance(module, MLP):
+        pairs = [("fc1", "act")]
+    elif isinstance(module, nn.Sequential):
+        names = [name for name, _ in module.named_children()]
+        pairs = list(zip(names, names[1:]))
+    else:
+        return
+    for name, next_name in pairs:
+        linear, following = getattr(module, name), getattr(module, next_name)
+        if (isinstance(linear, PackedLinear) and linear.activation == "none"
+                and isinstance(following, nn.GELU) and following.approximate == "none"):
+            linear.activation = "gelu"
+            setattr(module, next_name, nn.Identity())
 
 
 class LowPrecisionModel(nn.Module):
@@ -108,14 +98,17 @@ class LowPrecisionModel(nn.Module):
 
 def inference_model(model: nn.Module, precision: str = "bf16", pack: bool = True) -> nn.Module:
     """An eval-mode model for `precision`: for "fp32" `model` itself (put in eval mode), for
-    "bf16" a copy with bf16 parameters wrapped so that it takes and returns fp32 tensors; on CPU
-    its Linear layers become PackedLinear unless `pack` is False (torch.compile cannot trace the
-    packed oneDNN weights: compile the unpacked copy), and that copy stays on the CPU.
+    "bf16" a copy with bf16 parameters wrapped so that it takes and returns fp32 tensors.
 
-    The copy costs one model's worth of bf16 memory; `model` is left untouched.
+    On a CPU where vitlab.precision.packed_bf16_linear_supported() says oneDNN's prepacked bf16
+    linear runs, the copy's Linear layers become PackedLinear unless `pack` is False (torch.compile
+    cannot trace the packed oneDNN weights: compile the unpacked copy); anywhere else, and on
+    CUDA, they stay plain bf16 nn.Linear. bf16 runs on any CPU, emulated (and slower than fp32)
+    where bf16_supported() is False. The copy costs one model's worth of bf16 memory; `model` is
+    left untouched.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     if precision == "fp32":
         return model.eval()
     cast = copy.deepcopy(model).eval()
@@ -123,6 +116,6 @@ def inference_model(model: nn.Module, precision: str = "bf16", pack: bool = True
         if param.is_floating_point():
             param.data = param.data.to(torch.bfloat16)
     on_cpu = all(p.device.type == "cpu" for p in cast.parameters())
-    if pack and on_cpu and onednn_linear_available():
+    if pack and on_cpu and packed_bf16_linear_supported():
         pack_linears(cast)
     return LowPrecisionModel(cast).eval()

@@ -12,7 +12,6 @@ from .classifier import Classifier
 from .data.image import IMAGE_EXTENSIONS
 
 
-
 @dataclass
 class FilePrediction:
     path: str

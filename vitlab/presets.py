@@ -1,4 +1,4 @@
-"""Named model configurations: the seed's CIFAR-10 instance and a family sized for 32x32 images.
+"""Named model configurations: the tutorial's CIFAR-10 instance and a family sized for 32x32 images.
 
 `create_model("small", num_classes=100)` builds a preset with overrides. Parameter counts and
 FLOPs shown by `list_models()` are computed from the built model, never typed in.
@@ -20,7 +20,7 @@ _FAMILY = dict(
 )
 
 PRESETS: dict[str, dict] = {
-    # The seed document's model, exactly: 18,979,338 parameters.
+    # The tutorial's model, exactly: 18,979,338 parameters.
     "seed": dict(image_size=32, patch_size=4, in_channels=3, num_classes=10, dim=512, depth=6,
                  heads=8, mlp_dim=2048, dropout=0.1),
     "nano": dict(_FAMILY, dim=128, depth=6, heads=4, mlp_dim=512, drop_path=0.0),
@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
 }
 
 DESCRIPTIONS = {
-    "seed": "the seed document's CIFAR-10 ViT, exactly",
+    "seed": "the tutorial's CIFAR-10 ViT, exactly",
     "nano": "quick CPU runs and tests",
     "tiny": "laptop-CPU training",
     "small": "the default for a GPU",

@@ -1,7 +1,7 @@
-"""The seed document's model, re-typed from its text with its own attribute names.
+"""The tutorial's model, re-typed from its text with its own attribute names.
 
 vitlab never trains this. It exists so that tests can check `from_seed_state_dict` against the
-real thing and so that `vitlab bench` can time the seed's nn.MultiheadAttention implementation
+real thing and so that `vitlab bench` can time the tutorial's nn.MultiheadAttention implementation
 beside vitlab's. Keep it as the seed wrote it: do not optimise it.
 """
 

@@ -12,12 +12,11 @@ import sys
 COMMAND_MODULES = ["models", "train", "eval", "predict", "attention", "summary", "export", "data", "bench", "embed"]
 
 
-class CLIError(Exception):
-    """A user mistake: printed as one line, exit status 2, no traceback."""
+from .errors import CLIError  # noqa: F401  (re-exported: vitlab.cli.CLIError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="vitlab", description="Train, evaluate and use Vision Transformers."

@@ -24,7 +24,7 @@ def run(args) -> int:
     from ..attention import attention_maps
     from ..plots import plot_attention
     from ..data import load_image
-    from . import CLIError
+    from .errors import CLIError
     from .model_source import load_model_source
 
     out = Path(args.out)

@@ -1,18 +1,19 @@
-"""`vitlab bench`: training and inference speed of vitlab beside timm and the seed's model."""
+"""`vitlab bench`: training and inference speed of vitlab beside timm and the tutorial's model."""
 
 from __future__ import annotations
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="time training and inference against timm and the seed's model",
+        "bench", help="time training and inference against timm and the tutorial's model",
         description="Times a training step (forward, backward, AdamW) and inference for vitlab, "
-                    "timm's VisionTransformer and the seed's model with the same weights, taking "
+                    "timm's VisionTransformer and the tutorial's model with the same weights, taking "
                     "turns round by round in one process; prints a table, then one JSON line.")
     p.add_argument("--preset", default="seed", help="model preset (see `vitlab models`; default seed)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--precision", choices=["fp32", "bf16", "both", "auto"], default="auto",
-                   help="auto (default): both where the device has native bf16, else fp32")
+                   help="auto (default): both where the device has native bf16, else fp32; "
+                        "bf16 and both also run where bf16 is emulated (slowly)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round (default 2)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd vitlab and timm")
@@ -25,9 +26,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import sys
 
-    from ..bench import BenchConfig, resolve_device, run_benchmark
-    from ..inference import bf16_supported
-    from . import CLIError
+    from ..bench import BenchConfig, run_benchmark
+    from ..precision import bf16_supported
+    from ..runtime import resolve_device
+    from .errors import CLIError
 
     if args.precision == "auto":
         precisions = ("fp32", "bf16") if bf16_supported(resolve_device(args.device)) else ("fp32",)

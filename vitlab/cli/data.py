@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import CLIError
+from .errors import CLIError
 
 
 def register(subparsers) -> None:

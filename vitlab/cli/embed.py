@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .model_source import add_precision_option
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("embed", help="pre-logits features of images, for retrieval or a linear probe")
@@ -11,20 +13,20 @@ def register(subparsers) -> None:
     p.add_argument("--pooling", choices=["cls", "mean"],
                    help="the [CLS] token or the mean of the patch tokens (default: the model's own)")
     p.add_argument("--batch-size", type=int, default=64)
+    add_precision_option(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import io
     import sys
     from pathlib import Path
 
     import numpy as np
 
     from ..checkpoint import load_checkpoint
-    from ..files import atomic_write_bytes
     from ..embed import embed_files
-    from . import CLIError
+    from ..files import atomic_write, atomic_write_text
+    from .errors import CLIError
     from .predict import _split_checkpoint
 
     checkpoint, images = _split_checkpoint(args.inputs)
@@ -33,18 +35,16 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         raise CLIError(f"--out {out} must end in .npy")
-    classifier = load_checkpoint(checkpoint)
+    classifier = load_checkpoint(checkpoint, precision=args.precision)
     paths, features, problems = embed_files(classifier, images, pooling=args.pooling,
                                             batch_size=args.batch_size)
     for item, error in problems:
         print(f"vitlab embed: skipped {item}: {error}", file=sys.stderr)
     if not paths:
         raise CLIError("none of the inputs could be read; nothing written")
-    buffer = io.BytesIO()
-    np.save(buffer, features)
-    atomic_write_bytes(out, buffer.getvalue())
+    atomic_write(out, lambda f: np.save(f, features))
     # the row order, so features can be matched back to files
-    atomic_write_bytes(out.with_suffix(".txt"), ("\n".join(paths) + "\n").encode())
+    atomic_write_text(out.with_suffix(".txt"), "\n".join(paths) + "\n")
     print(f"wrote {features.shape[0]} x {features.shape[1]} features to {out} "
           f"(rows in the order of {out.with_suffix('.txt')})")
     return 1 if problems else 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .model_source import add_precision_option
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="top-1/top-5/per-class accuracy of a checkpoint on a split")
@@ -11,7 +13,7 @@ def register(subparsers) -> None:
                    help="val: the split held out at training time (default)")
     p.add_argument("--val-size", type=float, help="override the validation size recorded in the checkpoint")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    add_precision_option(p)
     p.add_argument("--confusion", metavar="PNG",
                    help="where to write the confusion matrix (default: beside the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..export import MissingDependencyError, check_writable, export_model, require_packages, resolve_format
-    from . import CLIError
+    from .errors import CLIError
     from .model_source import load_model_source
 
     try:

@@ -1,5 +1,6 @@
-"""The model argument shared by `vitlab attention`, `summary` and `export`: a checkpoint (run
-directory or .safetensors file) or a preset name, which builds that preset with random weights."""
+"""Model options shared by the commands: the model argument of `vitlab attention`, `summary` and
+`export` (a checkpoint, run directory or .safetensors file, or a preset name, which builds that
+preset with random weights), and the --precision of `predict`, `eval` and `embed`."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ def add_preset_option(parser) -> None:
                         help="use this model preset with random weights instead of a checkpoint")
 
 
+def add_precision_option(parser) -> None:
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="number format of inference: auto (default) is bf16 where this machine "
+                             "computes it natively, else fp32; bf16 elsewhere runs emulated (slower)")
+
+
 def load_model_source(source: str | None, preset: str | None = None):
     """(vitlab.Classifier, one-line description of where it came from)."""
     from ..checkpoint import load_checkpoint
     from ..classifier import Classifier
     from ..presets import PRESETS, create_model
-    from . import CLIError
+    from .errors import CLIError
 
     if source is not None and preset is not None:
         raise CLIError(f"give either a checkpoint ({source}) or --preset {preset}, not both")

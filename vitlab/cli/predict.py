@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .model_source import add_precision_option
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="classify images with a trained checkpoint")
@@ -10,6 +12,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
+    add_precision_option(p)
     p.set_defaults(func=run)
 
 
@@ -30,13 +33,14 @@ def run(args) -> int:
     import json
 
     from ..checkpoint import load_checkpoint
-    from ..cli import CLIError
     from ..predict import format_table, predict_files
+    from .errors import CLIError
 
     checkpoint, images = _split_checkpoint(args.inputs)
     if not images:
         raise CLIError("no images given: vitlab predict [CHECKPOINT] IMAGES...")
-    classifier = load_checkpoint(checkpoint)  # None -> the one-line "no default weights" error
+    # checkpoint None -> the one-line "no default weights" error
+    classifier = load_checkpoint(checkpoint, precision=args.precision)
     results = predict_files(classifier, images, top_k=args.top_k, batch_size=args.batch_size)
     if args.json:
         for r in results:

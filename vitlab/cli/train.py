@@ -1,21 +1,67 @@
-"""`vitlab train`: a training recipe preset plus overrides from a config file and flags."""
+"""`vitlab train`: a training recipe preset plus overrides from a config file and flags.
+
+Every TrainConfig field is a flag (--field-name), built here from the field's metadata (its help
+text and how it reads its value, see vitlab.config.option); --preset, --config, --image-size and
+--channels are the only hand-written ones.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
+
+# flags that are sugar for one model_overrides entry: flag dest -> ViTConfig field
+MODEL_SHORTCUTS = {"image_size": "image_size", "channels": "in_channels"}
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE parsed as YAML (numbers, true/false, null, lists), else kept as text."""
-    import yaml
+def _argparse_type(parse):
+    """An argparse `type` that reports parse's ValueError as a one-line usage error."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _value_type(annotation) -> type:
+    """int | None -> int; float -> float; dict[str, Any] -> dict; bool -> bool."""
+    if isinstance(annotation, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return typing.get_origin(annotation) or annotation
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, defaulting to None ("not given": the recipe's value stays)."""
+    from ..config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        group_name = meta.pop("group", None)
+        target = parser if group_name is None else groups.setdefault(
+            group_name, parser.add_argument_group(f"{group_name} (see docs/fine-tuning.md)"))
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        options = {"dest": f.name, "help": meta.pop("help"), "default": None, **meta}
+        parse = options.pop("parse", None)
+        kind = _value_type(hints[f.name])
+        if kind is bool:
+            options["action"] = "store_true"
+        elif kind is dict:
+            options.update(action="append", type=_argparse_type(parse))
+        else:
+            options["type"] = _argparse_type(parse) if parse else kind
+        target.add_argument(flag, **options)
+    tune = groups["fine-tuning"]
+    tune.add_argument("--image-size", type=int, metavar="N",
+                      help="train at N x N: images are resized and the position embedding interpolated")
+    tune.add_argument("--channels", type=int, metavar="C",
+                      help="input channels (1 for grayscale); --init weights are adapted")
 
 
 def register(subparsers) -> None:
@@ -25,88 +71,55 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a model from a recipe preset",
         description=f"Train a Vision Transformer. Recipe presets: {presets}. Precedence: preset < "
-                    f"--config file < flags. Runs under torchrun --nproc_per_node N as DDP.")
+                    f"--config file < flags; a flag not given keeps the recipe's value. With --resume "
+                    f"the run's saved config takes the place of preset and file. Runs under torchrun "
+                    f"--nproc_per_node N as DDP. Exit status: 0 when the run completed, was already "
+                    f"complete or stopped at --max-steps; 130 when interrupted (Ctrl-C, SIGTERM).")
     p.add_argument("--preset", help="training recipe preset (default: nano, or the config file's)")
-    p.add_argument("--config", help="YAML, TOML or JSON file of training options (see README)")
-    p.add_argument("--data", help="dataset: CIFAR archive, image folder, .tar/.tar.gz/.zip, cifar10/cifar100")
-    p.add_argument("--out", help="run directory to create (default runs/<preset>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--model", help="model preset (see vitlab models), overriding the recipe's")
-    p.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="override a model config field, e.g. drop_path=0.1 (repeatable)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch size (split among torchrun processes)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--clip-grad", type=float, help="max gradient norm; 0 turns clipping off")
-    p.add_argument("--ema-decay", type=float, help="weight EMA decay; 0 turns the EMA off")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast (default where the hardware has native bf16) or fp32")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--augment", help="augmentation preset: none, light, strong")
-    p.add_argument("--augment-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="override an augmentation field, e.g. mixup_alpha=0.2 (repeatable)")
-    p.add_argument("--val-size", type=float, help="validation images (count, or fraction < 1); 0 for none")
-    p.add_argument("--subset", type=int, help="train on the first N training images (balanced over classes)")
-    p.add_argument("--seed", type=int)
-    tune = p.add_argument_group("fine-tuning (see README: Fine-tune on your own images)")
-    tune.add_argument("--init", metavar="WEIGHTS",
-                      help="start from these weights: a vitlab run directory or checkpoint (its "
-                           "architecture is used), or a timm / seed state_dict (.safetensors, .pt, .pth)")
-    tune.add_argument("--init-partial", action="store_true", default=None,
-                      help="skip and list weights that do not fit instead of failing")
-    tune.add_argument("--freeze", choices=["backbone"], help="train only the classifier head")
-    tune.add_argument("--layer-decay", type=float,
-                      help="layer-wise lr decay: block i trains at lr * decay ** (depth - i)")
-    tune.add_argument("--image-size", type=int, metavar="N",
-                      help="train at N x N: images are resized and the position embedding interpolated")
-    tune.add_argument("--channels", type=int, metavar="C",
-                      help="input channels (1 for grayscale); --init weights are adapted")
-    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--config", help="YAML, TOML or JSON file of training options (the flags' names "
+                                    "with underscores, plus an optional preset)")
+    add_config_flags(p)
     p.set_defaults(func=run)
 
 
-FLAG_FIELDS = ("data", "out", "model", "epochs", "batch_size", "lr", "min_lr", "weight_decay",
-               "warmup_epochs", "label_smoothing", "clip_grad", "ema_decay", "precision", "compile", "augment",
-               "subset", "seed", "device", "init", "init_partial", "freeze", "layer_decay")
+def config_flags(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line (None for the rest)."""
+    from ..config import TrainConfig
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    for name in ("model_overrides", "augment_overrides"):
+        flags[name] = dict(flags[name]) if flags[name] else None
+    shortcuts = {field: getattr(args, flag) for flag, field in MODEL_SHORTCUTS.items()
+                 if getattr(args, flag) is not None}
+    if shortcuts:
+        flags["model_overrides"] = {**(flags["model_overrides"] or {}), **shortcuts}
+    return flags
 
 
 def run(args) -> int:
-    import json
-    from pathlib import Path
+    from ..config import resolve_config, resume_config
+    from ..rundir import RunExists
+    from ..train import AbortTraining, TrainingDiverged, train
 
-    from ..config import resolve_config
-    from ..trainer import TrainingDiverged, train
-
-    flags = {name: getattr(args, name) for name in FLAG_FIELDS}
-    if args.val_size is not None:
-        flags["val_size"] = int(args.val_size) if args.val_size >= 1 else args.val_size
-    model_overrides = dict(args.model_arg)
-    if args.image_size is not None:
-        model_overrides["image_size"] = args.image_size
-    if args.channels is not None:
-        model_overrides["in_channels"] = args.channels
-    if model_overrides:
-        flags["model_overrides"] = model_overrides
-    if args.augment_arg:
-        flags["augment_overrides"] = dict(args.augment_arg)
-    if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise FileNotFoundError(f"{args.resume} is not a run directory (no config.json); "
-                                    f"pass the --out directory of an earlier vitlab train")
-        stored = json.loads(saved.read_text())
-        stored.pop("resolved", None)
-        given = {k: v for k, v in flags.items() if v is not None}
-        config_values = {**stored, **given, "resume": args.resume, "out": args.resume}
-        config = resolve_config(None, None, **config_values)
+    flags = config_flags(args)
+    resume = flags.pop("resume")
+    if resume:
+        if args.preset or args.config:
+            raise ValueError("--resume continues with the run's saved config; give changes as flags, "
+                             "not --preset or --config")
+        config = resume_config(resume, **flags)
     else:
         config = resolve_config(args.preset, args.config, **flags)
     try:
         result = train(config)
+    except RunExists as error:
+        if not error.complete:
+            raise
+        print(f"vitlab train: {error}")  # a finished run: nothing to do, and not an error
+        return 0
     except TrainingDiverged as error:
         raise ValueError(str(error)) from None
-    return 0 if result.status == "completed" else 130
+    except AbortTraining:
+        print("vitlab train: aborted; the last saved checkpoint is kept", flush=True)
+        return 130
+    return 130 if result.status == "interrupted" else 0

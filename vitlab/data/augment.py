@@ -20,6 +20,10 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop of the original size from the image padded by this many pixels
     padding_mode: str = "reflect"  # "reflect" (as airbench) or "zeros"
     flip: bool = False  # horizontal flip with probability 1/2
+    # "random": each image flips with probability 1/2 every epoch; "alternate": each image flips in
+    # every other epoch, starting from a random half (airbench's derandomised flip: the model sees
+    # both orientations of every image in any two consecutive epochs)
+    flip_mode: str = "random"
     policy: str = "none"  # "none" | "randaugment" | "trivialaugment" | "autoaugment" (CIFAR-10 policy)
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
@@ -32,6 +36,8 @@ class AugmentConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown augmentation policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        if self.flip_mode not in ("random", "alternate"):
+            raise ValueError(f"flip_mode must be 'random' or 'alternate', got {self.flip_mode!r}")
         if self.padding_mode not in ("reflect", "zeros"):
             raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {self.padding_mode!r}")
         if self.crop_padding < 0 or self.policy_chunk < 1:
@@ -67,11 +73,12 @@ def augment_preset(name: str, **overrides) -> AugmentConfig:
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
-                     padding_mode: str = "reflect") -> torch.Tensor:
+                     padding_mode: str = "reflect", flipped: torch.Tensor | None = None) -> torch.Tensor:
     """Pads, crops back to the original size at a random offset and flips, per image, in one gather.
 
     images: uint8 (B, C, H, W) on any device; the random draws come from a CPU generator so the
-    result does not depend on the device."""
+    result does not depend on the device. flipped: bool (B,) on the CPU says which images flip
+    (alternating flips); None draws it with probability 1/2 when `flip` is on."""
     b, _, h, w = images.shape
     device = images.device
     rows = torch.arange(h).expand(b, h).clone()  # (B, H) source row of each output row
@@ -79,8 +86,9 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     if padding:
         rows += torch.randint(-padding, padding + 1, (b, 1), generator=generator)
         cols += torch.randint(-padding, padding + 1, (b, 1), generator=generator)
-    if flip:
+    if flip and flipped is None:
         flipped = torch.rand(b, generator=generator) < 0.5
+    if flipped is not None:
         cols[flipped] = cols[flipped].flip(1)
     inside = None
     if padding and padding_mode == "zeros":
@@ -98,6 +106,14 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     # reflection without repeating the edge pixel, as torch.nn.functional.pad(mode="reflect")
     index = index.abs()
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def alternating_flips(index: torch.Tensor, epoch: int, seed: int, dataset_size: int) -> torch.Tensor:
+    """bool (B,): whether each dataset image `index` is flipped in `epoch` under alternating flips.
+
+    A seeded random half of the dataset flips in even epochs, the other half in odd ones."""
+    first = torch.rand(dataset_size, generator=torch.Generator().manual_seed(seed)) < 0.5  # (N,) epoch 0
+    return first[index.cpu()] ^ bool(epoch % 2)
 
 
 def build_policy(config: AugmentConfig):

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from .augment import AugmentConfig, apply_policy, build_mix, build_policy, random_crop_flip, random_erasing
+from .augment import (AugmentConfig, alternating_flips, apply_policy, build_mix, build_policy, random_crop_flip,
+                      random_erasing)
 from .cpu import one_cpu_thread
 from .imageset import ImageSet
 
@@ -94,7 +95,11 @@ class BatchLoader:
         config = self.augment
         generator = torch.Generator().manual_seed(batch_seed)
         if config.crop_padding or config.flip:
-            images = random_crop_flip(images, config.crop_padding, config.flip, generator, config.padding_mode)
+            flipped = None
+            if config.flip and config.flip_mode == "alternate":
+                flipped = alternating_flips(index, self.epoch, derive_seed(self.seed, -1), len(self.images))
+            images = random_crop_flip(images, config.crop_padding, config.flip, generator, config.padding_mode,
+                                      flipped)
         with torch.random.fork_rng(devices=[]):
             # torchvision's policies and Mixup/CutMix draw from the global RNG: seed it per batch
             # (inside fork_rng, so the caller's RNG stream is untouched)

@@ -1,13 +1,22 @@
-"""Starting from trained weights: read them whatever produced them, fit them to a new model
-(other classes, other resolution, other channel count), and set up fine-tuning (frozen backbone,
-layer-wise learning-rate decay).
+"""Weights from anywhere, fitted to a vitlab model: the one home of weight files.
 
-Everything here works on state_dicts and a target VisionTransformer, so the trainer only calls
-`load_initial_weights(model, path)` and `param_groups(model, ...)`.
+    read        read_state_dict(path): tensors of a .safetensors or weights_only .pt/.pth/.bin file
+    name        detect_format(sd) -> "vitlab" | "timm" | "seed"; from_seed_state_dict,
+                from_timm_state_dict rename a peer's keys to vitlab's; to_timm_state_dict and
+                timm_model_kwargs go the other way
+    fit         adapt_state_dict: another class count (fresh head), patch grid (position embedding
+                resampled) or channel count (patch filters adapted)
+    start from  load_initial_weights(model, sd) and InitialWeights(path), which `vitlab train --init`
+                uses (a vitlab checkpoint also fixes the architecture)
+
+Each peer mapping is a list of (peer pattern, vitlab pattern) regexes applied to every key, so a
+reader can check a conversion against both models' module names at a glance. vitlab's own
+checkpoint files (metadata, run directories) are vitlab.checkpoint's; this module builds on it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -15,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import from_seed_state_dict, from_timm_state_dict
-from .model import VisionTransformer, resample_position_embedding
+from .checkpoint import FORMAT, read_metadata, read_safetensors_metadata, resolve_checkpoint
+from .model import ViTConfig, VisionTransformer, resample_position_embedding, to_2tuple
 
 StateDict = dict[str, torch.Tensor]
 
 
+# ---------------------------------------------------------------- reading a weights file
 def read_state_dict(path: str | Path) -> StateDict:
     """Tensors from a .safetensors file or a weights_only-loadable .pt/.pth/.bin file.
 
@@ -54,6 +64,52 @@ def read_state_dict(path: str | Path) -> StateDict:
     return {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in obj.items()}
 
 
+# ---------------------------------------------------------------- names: vitlab, timm, the seed
+# seed attribute names -> vitlab names. The tutorial's nn.MultiheadAttention keeps q, k and v in one
+# in_proj matrix in the same (3*D, D) layout as vitlab's qkv Linear, so no reshaping is needed.
+_SEED_TO_VITLAB = [
+    (r"^transformer_encoder\.(\d+)\.attention\.in_proj_weight$", r"blocks.\1.attention.qkv.weight"),
+    (r"^transformer_encoder\.(\d+)\.attention\.in_proj_bias$", r"blocks.\1.attention.qkv.bias"),
+    (r"^transformer_encoder\.(\d+)\.attention\.out_proj\.", r"blocks.\1.attention.proj."),
+    (r"^transformer_encoder\.(\d+)\.mlp\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^transformer_encoder\.(\d+)\.mlp\.3\.", r"blocks.\1.mlp.fc2."),
+    (r"^transformer_encoder\.(\d+)\.(norm[12])\.", r"blocks.\1.\2."),
+    (r"^mlp_head\.0\.", "head_norm."),
+    (r"^mlp_head\.1\.", "head."),
+    (r"^(patch_embedding\.projection\.(weight|bias)|cls_token|pos_embedding)$", r"\1"),
+]
+
+# timm names -> vitlab names ("norm" is timm's final norm for [CLS] pooling; "fc_norm" for mean)
+_TIMM_TO_VITLAB = [
+    (r"^patch_embed\.proj\.", "patch_embedding.projection."),
+    (r"^pos_embed$", "pos_embedding"),
+    (r"^cls_token$", "cls_token"),
+    (r"^blocks\.(\d+)\.attn\.", r"blocks.\1.attention."),
+    (r"^blocks\.(\d+)\.ls1\.gamma$", r"blocks.\1.scale1.gamma"),
+    (r"^blocks\.(\d+)\.ls2\.gamma$", r"blocks.\1.scale2.gamma"),
+    (r"^blocks\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.", r"blocks.\1.\2."),
+    (r"^(fc_)?norm\.", "head_norm."),
+    (r"^head\.", "head."),
+]
+
+
+def _rename(sd: StateDict, rules: list[tuple[str, str]], source: str) -> StateDict:
+    out: StateDict = {}
+    unknown = []
+    for key, value in sd.items():
+        for pattern, replacement in rules:
+            new_key, n = re.subn(pattern, replacement, key)
+            if n:
+                out[new_key] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} key(s) are not part of a {source} ViT: {shown}")
+    return out
+
+
 def detect_format(sd: StateDict) -> str:
     """'vitlab', 'timm' or 'seed', from the key names."""
     if "patch_embedding.projection.weight" in sd and any(k.startswith("blocks.") for k in sd):
@@ -63,7 +119,7 @@ def detect_format(sd: StateDict) -> str:
     if any(k.startswith("transformer_encoder.") for k in sd):
         return "seed"
     shown = ", ".join(list(sd)[:4])
-    raise ValueError(f"not a ViT state_dict from vitlab, timm or the seed's code (keys: {shown} ...)")
+    raise ValueError(f"not a ViT state_dict from vitlab, timm or the tutorial's code (keys: {shown} ...)")
 
 
 def to_vitlab_names(sd: StateDict) -> tuple[StateDict, str]:
@@ -75,6 +131,67 @@ def to_vitlab_names(sd: StateDict) -> tuple[StateDict, str]:
     return sd, fmt
 
 
+def from_seed_state_dict(sd: StateDict) -> StateDict:
+    """A state_dict saved from the tutorial's VisionTransformer -> one vitlab's model loads."""
+    return _rename(sd, _SEED_TO_VITLAB, "seed")
+
+
+def from_timm_state_dict(sd: StateDict) -> StateDict:
+    """A timm VisionTransformer state_dict -> vitlab names.
+
+    timm's models with [CLS] pooling normalise every token ("norm") and mean-pooling models
+    normalise the pooled vector ("fc_norm"); vitlab's head_norm plays whichever role is present.
+    """
+    has_fc_norm = any(k.startswith("fc_norm.") for k in sd)
+    if has_fc_norm and any(k.startswith("norm.") for k in sd):
+        raise ValueError("state_dict has both 'norm' and 'fc_norm': vitlab has one head norm")
+    return _rename(sd, _TIMM_TO_VITLAB, "timm")
+
+
+def to_timm_state_dict(sd: StateDict, pooling: str = "cls") -> StateDict:
+    """vitlab -> timm names, for timm.models.vision_transformer.VisionTransformer
+    built with timm_model_kwargs(config)."""
+    out: StateDict = {}
+    for key, value in sd.items():
+        new = key
+        new = re.sub(r"^patch_embedding\.projection\.", "patch_embed.proj.", new)
+        new = re.sub(r"^pos_embedding$", "pos_embed", new)
+        new = re.sub(r"^blocks\.(\d+)\.attention\.", r"blocks.\1.attn.", new)
+        new = re.sub(r"^blocks\.(\d+)\.scale([12])\.gamma$", r"blocks.\1.ls\2.gamma", new)
+        new = re.sub(r"^head_norm\.", "fc_norm." if pooling == "mean" else "norm.", new)
+        out[new] = value
+    return out
+
+
+def timm_model_kwargs(config: ViTConfig) -> dict:
+    """Arguments for timm's VisionTransformer that build the same network as `config`."""
+    attention_dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
+    if config.mlp_dim % config.dim:
+        raise ValueError(f"timm needs mlp_dim ({config.mlp_dim}) to be a multiple of dim ({config.dim})")
+    return dict(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=config.in_channels,
+        num_classes=config.num_classes,
+        global_pool="avg" if config.pooling == "mean" else "token",
+        embed_dim=config.dim,
+        depth=config.depth,
+        num_heads=config.heads,
+        mlp_ratio=config.mlp_dim / config.dim,
+        qkv_bias=config.qkv_bias,
+        init_values=config.layer_scale,
+        # timm also drops after the attention projection, which the seed does not: the two
+        # networks are identical in eval mode and differ only in where training dropout falls.
+        drop_rate=0.0,
+        pos_drop_rate=config.dropout,
+        proj_drop_rate=config.dropout,
+        attn_drop_rate=attention_dropout,
+        drop_path_rate=config.drop_path,
+        norm_layer=functools.partial(nn.LayerNorm, eps=config.norm_eps),
+    )
+
+
+# ---------------------------------------------------------------- fitting weights to a model
 def _square_grid(num_patches: int, key: str) -> tuple[int, int]:
     side = math.isqrt(num_patches)
     if side * side != num_patches:
@@ -183,89 +300,51 @@ def load_initial_weights(
     return [f"loaded {len(adapted)} tensors ({fmt} format)"] + notes
 
 
-def freeze_backbone(model: VisionTransformer) -> int:
-    """Only the classifier head stays trainable (a linear probe). Returns the trainable count."""
-    for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("head.")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def layer_id(name: str, depth: int) -> int:
-    """0 for the embeddings, i + 1 for block i, depth + 1 for the head."""
-    if name.startswith(("patch_embedding.", "cls_token", "pos_embedding")):
-        return 0
-    match = re.match(r"blocks\.(\d+)\.", name)
-    return int(match.group(1)) + 1 if match else depth + 1
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float = 1.0
-) -> list[dict]:
-    """AdamW parameter groups: no decay on norms, biases, tokens and position embedding; with
-    layer_decay < 1, block i's learning rate is scaled by layer_decay ** (depth + 1 - (i + 1)),
-    so early layers move least (BEiT / MAE fine-tuning). Each group carries its 'lr_scale'."""
-    depth = len(model.blocks)
-    no_decay = model.no_weight_decay()
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = layer_id(name, depth) if layer_decay != 1.0 else depth + 1
-        decays = name not in no_decay
-        group = groups.setdefault(
-            (layer, decays),
-            {"params": [], "weight_decay": weight_decay if decays else 0.0,
-             "lr_scale": layer_decay ** (depth + 1 - layer), "names": []},
-        )
-        group["params"].append(param)
-        group["names"].append(name)
-    return [groups[key] for key in sorted(groups)]
-
-
+# ---------------------------------------------------------------- starting a run from weights
 class InitialWeights:
     """Weights to start a run from, read once: a vitlab checkpoint (run directory or .safetensors
     with vitlab metadata, which also fixes the architecture), or a timm / seed state_dict file
-    (.safetensors, .pt, .pth, .bin), whose architecture is the run's model preset."""
+    (.safetensors, .pt, .pth, .bin), whose architecture is the run's model preset.
+
+        init = InitialWeights("runs/nano")
+        model = VisionTransformer.from_config(init.model_config(preset, overrides))
+        notes = init.load_into(model)
+    """
 
     def __init__(self, path: str | Path):
-        from .checkpoint import FORMAT, read_metadata, resolve_checkpoint
-        from .model import ViTConfig
-
         path = Path(path)
         self.path = path
-        self.config: ViTConfig | None = None
+        self.config: ViTConfig | None = None  # the checkpoint's architecture (vitlab weights only)
         self.source_grid: tuple[int, int] | None = None
-        if path.is_dir() or (path.suffix == ".safetensors" and _safetensors_format(path) == FORMAT):
+        if path.is_dir() or _is_vitlab_checkpoint(path):
             file = resolve_checkpoint(path)
-            meta = read_metadata(file)
-            self.config = ViTConfig.from_dict(meta["model_config"])
-            h, w = (self.config.image_size,) * 2 if isinstance(self.config.image_size, int) \
-                else self.config.image_size
+            self.config = ViTConfig.from_dict(read_metadata(file)["model_config"])
+            h, w = to_2tuple(self.config.image_size)
             self.source_grid = (h // self.config.patch_size, w // self.config.patch_size)
-            self.tensors = read_state_dict(file)
+            self.tensors: StateDict = read_state_dict(file)
         else:
             self.tensors = read_state_dict(path)
             detect_format(self.tensors)  # fail now, before any data is decoded
 
-    def model_config(self, base: "ViTConfig", overrides: dict) -> "ViTConfig":
+    def model_config(self, base: ViTConfig, overrides: dict) -> ViTConfig:
         """The run's architecture: the checkpoint's own for vitlab weights, else `base`; then the
         run's overrides (image size, channels, regularisation...)."""
-        from .model import ViTConfig
-
         if self.config is None:
             return base
-        return ViTConfig.from_dict({**self.config.to_dict(), "class_names": None, **overrides})
+        # class names belong to the data, not the architecture (old checkpoints kept them here)
+        own = {k: v for k, v in self.config.to_dict().items() if k != "class_names"}
+        return ViTConfig.from_dict({**own, **overrides})
 
     def load_into(self, model: VisionTransformer, partial: bool = False) -> list[str]:
+        """Loads the weights into `model` in place; returns the notes (first: what was loaded)."""
         notes = load_initial_weights(model, self.tensors, source_grid=self.source_grid, partial=partial)
         return [f"initialised from {self.path}: {notes[0]}"] + notes[1:]
 
 
-def _safetensors_format(path: Path) -> str | None:
-    from safetensors import safe_open
-
+def _is_vitlab_checkpoint(path: Path) -> bool:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format")
-    except Exception:
-        return None  # read_state_dict reports unreadable files with a clear message
+        return read_safetensors_metadata(path).get("format") == FORMAT
+    except ValueError:
+        return False  # read_state_dict reports an unreadable file with a clear message

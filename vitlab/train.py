@@ -1,0 +1,507 @@
+"""The training loop: build -> loop over epochs (train_one_epoch) -> evaluate -> save.
+
+    result = vitlab.train(vitlab.train_preset("nano", data="cifar10-jpeg-train.tar.gz"))
+    result.run_dir / "best.safetensors"
+
+The recipe: AdamW with warmup + cosine, label smoothing, gradient clipping, a weight EMA
+(vitlab.optim); bf16 autocast where the hardware has it (vitlab.precision); DDP under torchrun
+(vitlab.runtime); a run directory with everything needed to reproduce the run (vitlab.rundir).
+
+Determinism: the loader's order and augmentation are a pure function of (seed, epoch, rank, batch),
+and the global RNG (stochastic depth, dropout) is re-seeded from (seed, epoch, rank) at the start of
+every epoch and saved with every checkpoint, so a run resumed from `last` takes exactly the steps
+the uninterrupted run would have.
+
+Stopping: Ctrl-C or SIGTERM (status "interrupted") and TrainConfig.max_steps (status "stopped")
+both finish the current optimizer step and save the state, so `--resume` continues exactly; when
+the stop falls on an epoch's last step the epoch is first evaluated and checkpointed as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import rundir
+from .config import TrainConfig, resume_config, train_preset
+from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
+from .data.loader import derive_seed
+from .evaluate import evaluate
+from .model import ViTConfig, VisionTransformer
+from .optim import WeightEMA, freeze_backbone, learning_rate, param_groups, set_learning_rate
+from .presets import preset_config
+from .runtime import (
+    Runtime, all_gather_object, all_reduce_sum, barrier, describe_environment, setup_runtime, shutdown,
+)
+from .weights import InitialWeights
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class AbortTraining(KeyboardInterrupt):
+    """A second Ctrl-C: leave at once, writing nothing (the last checkpoints stay as they are)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" | "interrupted" (Ctrl-C, SIGTERM) | "stopped" (max_steps reached)
+    epochs_completed: int
+    best_val_top1: float | None
+    metrics: list[dict] = field(default_factory=list)  # one dict per epoch, as in metrics.jsonl
+
+
+def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
+    """Trains a model as `config` says and returns where the run lives.
+
+    config: a TrainConfig, a dict of its fields, or None (the nano recipe); overrides replace
+    fields (vitlab.train(data="my_images/", epochs=3)). vitlab.train(resume="runs/x", **overrides)
+    continues the run in runs/x with its saved config plus the overrides, exactly as
+    `vitlab train --resume runs/x` does; a full config with `resume` set is used as given.
+    Raises rundir.RunExists when `out` already holds a run (see TrainConfig.overwrite).
+    """
+    if config is None and overrides.get("resume"):
+        config = resume_config(overrides.pop("resume"), **overrides)
+    else:
+        if config is None:
+            config = train_preset("nano")
+        elif isinstance(config, dict):
+            config = TrainConfig.from_dict(config)
+        if overrides:
+            config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    if not config.resume:
+        rundir.check_out_dir(config.out, overwrite=config.overwrite)
+    runtime = setup_runtime(config.device, config.precision)
+    try:
+        result = _run(config, runtime)
+        barrier(runtime)  # rank 0 is still writing files; leaving before it does can tear down gloo
+        return result
+    finally:
+        shutdown(runtime)
+
+
+# ---------------------------------------------------------------- pieces of the recipe
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy against hard (B,) labels or soft (B, K) probabilities (Mixup/CutMix), with label
+    smoothing either way; in fp32 even under autocast."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return derive_seed(seed, epoch, rank, 1)  # the trailing 1 keeps it apart from the loader's seeds
+
+
+def balanced_subset_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n images taken round-robin over the classes (first of each class, then the second
+    of each...), so a quick --subset run sees every class even when the data is sorted by class."""
+    per_class_rank = torch.zeros_like(labels)
+    for cls in labels.unique():
+        members = labels == cls
+        per_class_rank[members] = torch.arange(int(members.sum()))
+    order = torch.argsort(per_class_rank * (int(labels.max()) + 1) + labels, stable=True)
+    return order[:n]
+
+
+@dataclass
+class Progress:
+    """Where a run is: saved in every state file, and where a resumed run starts."""
+
+    epoch: int = 0  # the epoch being trained, from 0
+    step_in_epoch: int = 0  # optimizer steps done in it
+    global_step: int = 0
+    best_val_top1: float | None = None
+    # the epoch's running sums so far (loss * images, correct, images, seconds)
+    partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(state["epoch"], state["step_in_epoch"], state["global_step"], state["best_val_top1"],
+                   dict(state["partial_epoch"]))
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.partial = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+
+
+@dataclass
+class Job:
+    """Everything a run builds before its first step."""
+
+    config: TrainConfig
+    runtime: Runtime
+    run_dir: Path
+    data: DataSplits
+    train_set: ImageSet
+    model: VisionTransformer
+    train_model: nn.Module  # the model, wrapped in DDP and/or torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    ema: WeightEMA | None
+    train_loader: BatchLoader
+    val_loader: BatchLoader | None
+    resolved: dict  # what was derived from the config, saved in config.json
+    steps_per_epoch: int
+    warmup_steps: int
+    sync_every: int  # optimizer steps between host reads of the loss
+
+    def lr(self, step: int) -> float:
+        config = self.config
+        return learning_rate(step, self.steps_per_epoch * config.epochs, self.warmup_steps, config.lr,
+                             config.min_lr)
+
+    def log(self, message: str) -> None:
+        if self.runtime.is_main:
+            print(message, flush=True)
+
+
+class StopOnInterrupt:
+    """Turns the first Ctrl-C (or SIGTERM, as schedulers send before preempting) into a request
+    honoured between optimizer steps, so the saved state is never half-way through a step; a
+    second one aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log):
+        self.requested = False
+        self.log = log
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise AbortTraining
+        self.requested = True
+        self.log(f"\n{signal.Signals(signum).name}: saving after this step and stopping "
+                 f"(press Ctrl-C again to abort without saving)")
+
+    def anywhere(self, runtime: Runtime) -> bool:
+        """Whether any process was asked to stop (every process must call this at the same point)."""
+        flag = torch.tensor([float(self.requested)], device=runtime.device)
+        return bool(all_reduce_sum(flag, runtime)[0] > 0)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------- build
+def build(config: TrainConfig, runtime: Runtime, state: dict | None) -> Job:
+    """Data, model (from --init weights or the state file when given), optimizer, EMA and loaders."""
+    log = (lambda message: print(message, flush=True)) if runtime.is_main else (lambda message: None)
+    run_dir = Path(config.resume or config.out)
+
+    # the architecture: the model preset, or the --init checkpoint's own, plus overrides
+    # (a resumed run never rereads --init: its state file holds the weights it has trained since)
+    init = InitialWeights(config.init) if config.init and state is None else None
+    wanted = preset_config(config.model, **config.model_overrides)
+    if init is not None:
+        wanted = init.model_config(wanted, config.model_overrides)
+    elif config.init and state is not None:
+        wanted = ViTConfig.from_dict(state["model_config"])
+
+    # data: the model's input size and channels decide how images are converted; rank 0 decodes
+    # and fills the cache first, the other processes then read it
+    if not runtime.is_main:
+        barrier(runtime)
+    data = load_data(config.data, val_size=config.val_size, split_seed=config.split_seed,
+                     image_size=wanted.image_size, channels=wanted.in_channels)
+    if runtime.is_main:
+        barrier(runtime)
+    train_set = data.train
+    if config.subset is not None:
+        train_set = train_set.subset(balanced_subset_indices(train_set.labels, config.subset))
+    log(f"data: {data.source}: {len(train_set)} train, {len(data.val) if data.val else 0} val images, "
+        f"{data.num_classes} classes")
+
+    torch.manual_seed(config.seed)
+    model = VisionTransformer.from_config({**wanted.to_dict(), "num_classes": data.num_classes})
+    if init is not None:
+        for note in init.load_into(model, partial=config.init_partial):
+            log(note)
+    if config.freeze == "backbone":
+        log(f"froze the backbone: {freeze_backbone(model):,} trainable parameters (the head)")
+    if state is not None and ViTConfig.from_dict(state["model_config"]) != model.config:
+        raise ValueError(f"cannot resume {run_dir}: its model config differs from this run's "
+                         f"({config.model} with {config.model_overrides}); resume with the original settings")
+    model.to(runtime.device)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.layer_decay), lr=config.lr,
+                                  betas=(0.9, 0.999), fused=runtime.device.type == "cuda")
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+
+    if config.batch_size % runtime.world_size:
+        raise ValueError(f"batch_size {config.batch_size} must divide evenly among "
+                         f"{runtime.world_size} processes")
+    augment = augment_preset(config.augment, **config.augment_overrides)
+    per_process_batch = config.batch_size // runtime.world_size
+    train_loader = BatchLoader(train_set, per_process_batch, mean=data.mean, std=data.std, train=True,
+                               augment=augment, device=runtime.device, seed=config.seed,
+                               rank=runtime.rank, world_size=runtime.world_size)
+    val_loader = (BatchLoader(data.val, config.eval_batch_size, mean=data.mean, std=data.std, train=False,
+                              device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
+                  if data.val is not None and len(data.val) else None)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images make no full batch of {config.batch_size}; "
+                         f"lower --batch-size")
+
+    train_model: nn.Module = model
+    if runtime.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    resolved = {"precision": runtime.precision, "model_config": model.config.to_dict(),
+                "augment": augment.to_dict(), "mean": list(data.mean), "std": list(data.std),
+                "train_images": len(train_set), "steps_per_epoch": steps_per_epoch}
+    return Job(config, runtime, run_dir, data, train_set, model, train_model, optimizer, ema, train_loader,
+               val_loader, resolved, steps_per_epoch,
+               warmup_steps=max(1, round(config.warmup_epochs * steps_per_epoch)),
+               sync_every=config.sync_every or (1 if runtime.device.type == "cpu" else 25))
+
+
+# ---------------------------------------------------------------- the loop
+def _run(config: TrainConfig, runtime: Runtime) -> TrainResult:
+    """build -> for each epoch: train_one_epoch, evaluate, save -> curves."""
+    state = ckpt.load_training_state(Path(config.resume) / ckpt.STATE_FILE) if config.resume else None
+    job = build(config, runtime, state)
+    run_dir, log = job.run_dir, job.log
+    progress = Progress.from_state(state) if state is not None else Progress()
+    resume_rng = _saved_rng(state, runtime) if state is not None and progress.step_in_epoch else None
+
+    metrics: list[dict] = []
+    if runtime.is_main:
+        if config.overwrite:
+            rundir.clear(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # a resumed run drops the rows of epochs it redoes; a fresh one starts the file empty
+        metrics = rundir.read_metrics(run_dir, up_to_epoch=progress.epoch) if state is not None else []
+        rundir.rewrite_metrics(run_dir, metrics)
+        rundir.write_config(run_dir, {**config.to_dict(), "resume": None, "overwrite": False,
+                                      "out": str(run_dir), "resolved": job.resolved})
+        rundir.write_environment(run_dir, describe_environment(runtime))
+        if state is not None:
+            where = f"epoch {progress.epoch + 1}" + (f", step {progress.step_in_epoch}"
+                                                     if progress.step_in_epoch else "")
+            log(f"resuming {run_dir} at {where} (global step {progress.global_step})")
+        log(f"model: {config.model}, {job.model.num_parameters():,} parameters; "
+            f"{'bf16 autocast' if runtime.bf16 else 'fp32'} on {runtime.device}"
+            f"{f' x {runtime.world_size} processes' if runtime.distributed else ''}; run dir {run_dir}")
+
+    status = "completed"
+    with StopOnInterrupt(log) as stop:
+        while progress.epoch < config.epochs:
+            reason = train_one_epoch(job, progress, stop, resume_rng)
+            resume_rng = None
+            if progress.step_in_epoch < job.steps_per_epoch:  # stopped mid-epoch
+                save_checkpoint(job, progress)
+                status = reason
+                break
+            row = finish_epoch(job, progress)
+            if runtime.is_main:
+                metrics.append(row)
+                rundir.append_metrics(run_dir, row)
+                log(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
+            reason = reason or ("interrupted" if stop.anywhere(runtime) else None)
+            if reason and progress.epoch < config.epochs:
+                status = reason
+                break
+
+    if status != "completed":
+        cause = f"max_steps {config.max_steps} reached" if status == "stopped" else "interrupted"
+        where = (f"at epoch {progress.epoch + 1}, step {progress.step_in_epoch}" if progress.step_in_epoch
+                 else f"after epoch {progress.epoch}")
+        log(f"{cause} {where} (global step {progress.global_step}); state saved. Continue with: "
+            f"vitlab train --resume {run_dir}")
+    if runtime.is_main and metrics:
+        rundir.write_curves(run_dir, metrics)
+    if status == "completed":
+        best = progress.best_val_top1
+        log(f"done: best val top-1 {best:.4f} in {run_dir}" if best is not None else f"done: {run_dir}")
+    return TrainResult(run_dir, status, progress.epoch, progress.best_val_top1, metrics)
+
+
+def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
+                    resume_rng: torch.Tensor | None = None) -> str | None:
+    """Trains epoch `progress.epoch` from step `progress.step_in_epoch` on (past 0 when resuming
+    mid-epoch, with `resume_rng` the saved RNG state), updating `progress` as it goes.
+
+    Returns why it stopped early: "interrupted" (Ctrl-C or SIGTERM on any process), "stopped"
+    (max_steps reached), or None. The epoch ran to its end when progress.step_in_epoch equals
+    job.steps_per_epoch, stop or not. Raises TrainingDiverged on a non-finite loss, before the
+    optimizer step that would apply it.
+    """
+    config, runtime, model = job.config, job.runtime, job.model
+    job.train_loader.set_epoch(progress.epoch)
+    torch.manual_seed(epoch_seed(config.seed, progress.epoch, runtime.rank))
+    if resume_rng is not None:
+        torch.set_rng_state(resume_rng)
+    model.train()
+    sums = torch.tensor([progress.partial[k] for k in ("loss", "correct", "seen")], dtype=torch.float64)
+    window = torch.zeros(3, dtype=torch.float64, device=runtime.device)  # summed on the device between syncs
+    start_time = time.perf_counter() - progress.partial["seconds"]
+    bar = _progress_bar(job, progress)
+    skip = progress.step_in_epoch
+    try:
+        for batch_number, (images, targets) in enumerate(job.train_loader):
+            if batch_number < skip:
+                continue  # resumed mid-epoch: the loader regenerates these batches identically
+            if config.max_steps is not None and progress.global_step >= config.max_steps:
+                return "stopped"  # resumed with a max_steps this run has already reached
+            lr = job.lr(progress.global_step)
+            set_learning_rate(job.optimizer, lr)
+            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+                logits = job.train_model(images)  # (B, K)
+            loss = classification_loss(logits, targets, config.label_smoothing)
+            job.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step = batch_number + 1
+            last = config.max_steps is not None and progress.global_step + 1 >= config.max_steps
+            # Reading the loss on the host stalls a GPU until the step is done, so off the CPU the
+            # NaN / Ctrl-C check runs every few steps, before the optimizer step: weights never take
+            # a non-finite update unseen for long, and a diverged run stops without writing anything.
+            sync = step % job.sync_every == 0 or step == job.steps_per_epoch or last
+            if sync:
+                # one reduction tells every process about a bad loss or a Ctrl-C anywhere
+                flags = all_reduce_sum(torch.stack([loss.detach().float(),
+                                                    torch.tensor(float(stop.requested), device=loss.device)]),
+                                       runtime)
+                if not torch.isfinite(flags[0]):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at epoch {progress.epoch + 1}, step {step}; stopped and "
+                        f"kept the last good checkpoint in {job.run_dir}. Lower --lr, keep --clip-grad on, "
+                        f"or try --precision fp32")
+            if config.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            job.optimizer.step()
+            if job.ema is not None:
+                job.ema.update(model)
+            progress.global_step, progress.step_in_epoch = progress.global_step + 1, step
+            hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+            window += torch.stack([loss.detach().double() * len(hard),
+                                   (logits.argmax(1) == hard).sum().double(),
+                                   torch.tensor(float(len(hard)), dtype=torch.float64, device=loss.device)])
+            if sync:
+                sums += window.cpu()
+                window.zero_()
+                elapsed = time.perf_counter() - start_time
+                progress.partial = {"loss": float(sums[0]), "correct": float(sums[1]), "seen": float(sums[2]),
+                                    "seconds": elapsed}
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    speed = sums[2] * runtime.world_size / elapsed
+                    bar.set_postfix_str(f"loss {sums[0] / sums[2]:.3f}  lr {lr:.2e}  {speed:.0f} img/s",
+                                        refresh=False)
+                if flags[1] > 0 or last:
+                    return "interrupted" if flags[1] > 0 else "stopped"
+    finally:
+        if bar is not None:
+            bar.close()
+    return None
+
+
+def finish_epoch(job: Job, progress: Progress) -> dict:
+    """The end of an epoch: train metrics summed over processes, evaluation of the model and its
+    EMA, checkpoints; moves `progress` to the next epoch and returns the epoch's metrics row."""
+    runtime, partial = job.runtime, progress.partial
+    sums = all_reduce_sum(torch.tensor([partial["loss"], partial["correct"], partial["seen"]],
+                                       dtype=torch.float64), runtime)
+    row = {"epoch": progress.epoch + 1, "train_loss": float(sums[0] / sums[2]),
+           "train_top1": float(sums[1] / sums[2]), "lr": job.lr(progress.global_step - 1)}
+    scores = {}
+    if job.val_loader is not None:
+        scores.update(validate(job, job.model, prefix=""))
+        if job.ema is not None:
+            scores.update(validate(job, job.ema.copy_of(job.model), prefix="ema_"))
+    row.update(scores)
+    row.update(epoch_seconds=round(partial["seconds"], 2),
+               train_img_per_s=round(float(sums[2]) / max(partial["seconds"], 1e-9), 1))
+    progress.next_epoch()
+    save_checkpoint(job, progress, scores)
+    row["best_val_top1"] = progress.best_val_top1
+    return row
+
+
+def validate(job: Job, model: nn.Module, prefix: str) -> dict:
+    """Loss, top-1 and top-5 of `model` on the validation split, summed over processes."""
+    result = evaluate(model, job.val_loader, job.data.num_classes, bf16=job.runtime.bf16, runtime=job.runtime)
+    return {f"{prefix}val_loss": result.loss, f"{prefix}val_top1": result.top1,
+            f"{prefix}val_top5": result.top5}
+
+
+def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None) -> None:
+    """At an epoch's end (scores given, progress at the next epoch's step 0): best.safetensors when
+    the epoch improved on it, then last.safetensors, with the EMA's weights where they scored
+    higher. Always: last.state.pt, everything resume needs, with every process's RNG state.
+    Every process calls it; only rank 0 writes."""
+    rng_states = all_gather_object(torch.get_rng_state(), job.runtime)
+    end_of_epoch = scores is not None
+    use_ema = bool(scores and job.ema is not None and scores.get("ema_val_top1") is not None
+                   and scores["ema_val_top1"] > scores["val_top1"])
+    score = (scores or {}).get("ema_val_top1" if use_ema else "val_top1")
+    best = progress.best_val_top1
+    improved = end_of_epoch and (best is None or score is None or score > best)
+    if improved and score is not None:
+        progress.best_val_top1 = score
+    if not job.runtime.is_main:
+        return
+    weights = ckpt.weights_state_dict(job.model)
+    chosen = {k: v.to("cpu") for k, v in job.ema.tensors.items()} if use_ema else weights
+    metadata = {"data": {"source": str(job.config.data), "val_size": job.config.val_size,
+                         "split_seed": job.config.split_seed},  # eval rebuilds the same validation split
+                "epoch": progress.epoch, "weights": "ema" if use_ema else "model", "val_top1": score}
+    saved = dict(class_names=job.data.class_names, mean=job.data.mean, std=job.data.std, state_dict=chosen,
+                 extra=metadata)
+    # order matters for a kill between writes: best, then last, then the state; a state file that
+    # did not make it means the epoch is redone identically on resume. Mid-epoch weights are only
+    # for resume, not for inference, so they go into the state file alone.
+    if improved:
+        ckpt.save_model(job.run_dir / "best.safetensors", job.model, **saved)
+    if end_of_epoch:
+        ckpt.save_model(job.run_dir / "last.safetensors", job.model, **saved)
+    ckpt.save_training_state(job.run_dir / ckpt.STATE_FILE, {
+        "format": ckpt.FORMAT, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+        "global_step": progress.global_step, "best_val_top1": progress.best_val_top1,
+        "partial_epoch": dict(progress.partial), "rng": {"torch": rng_states[0], "ranks": rng_states},
+        "model": weights, "model_digest": ckpt.tensor_digest(weights),
+        "model_config": job.model.config.to_dict(), "optimizer": job.optimizer.state_dict(),
+        "ema": job.ema.state_dict() if job.ema is not None else None,
+    })
+
+
+def _saved_rng(state: dict, runtime: Runtime) -> torch.Tensor:
+    """This process's RNG state from a state file (files from before per-rank states, or from
+    another process count, hold rank 0's only)."""
+    per_rank = state["rng"].get("ranks")
+    if per_rank is not None and len(per_rank) == runtime.world_size:
+        return per_rank[runtime.rank]
+    return state["rng"]["torch"]
+
+
+def _progress_bar(job: Job, progress: Progress):
+    if not job.runtime.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=job.steps_per_epoch, initial=progress.step_in_epoch, unit="step",
+                desc=f"epoch {progress.epoch + 1}/{job.config.epochs}", leave=False, dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr)
