@@ -451,7 +451,7 @@ def test_reset_classifier_changes_only_the_head():
     ({"norm_eps": 0.0}, "norm_eps must be positive"),
     ({"layer_scale": 0.0}, "layer_scale must be positive"),
     ({"pooling": "max"}, "pooling must be 'cls' or 'mean'"),
-    ({"init": "xavier"}, "init must be 'seed' or 'trunc_normal'"),
+    ({"init": "xavier"}, "init must be 'seed' or 'trunc_normal' or 'mimetic'"),
     ({"image_size": 0}, "image size must be a positive int"),
 ])
 def test_config_rejects_nonsense_in_one_line(override, phrase):
@@ -476,3 +476,29 @@ def test_old_checkpoint_configs_with_class_names_still_load():
     assert VisionTransformer.from_config(d).config == config
     with pytest.raises(ValueError, match="unknown model config keys: colour"):
         ViTConfig.from_dict({"colour": "red"})
+
+
+def test_mimetic_init_makes_tokens_attend_to_themselves_at_the_start():
+    """init="mimetic": each head's W_q^T W_k is close to a positive multiple of I and W_proj W_v to a
+    negative one, so at step 0 a token attends to itself far more than under trunc_normal."""
+    kwargs = dict(image_size=32, patch_size=4, dim=64, depth=2, heads=4, mlp_dim=128, dropout=0.0)
+    torch.manual_seed(0)
+    mimetic = VisionTransformer(**kwargs, init="mimetic").eval()
+    torch.manual_seed(0)
+    plain = VisionTransformer(**kwargs, init="trunc_normal").eval()
+    attention = mimetic.blocks[0].attention
+    d, dim = attention.head_dim, 64
+    q, k, v = attention.qkv.weight.view(3, 4, d, dim)
+    proj = attention.proj.weight.view(dim, 4, d)
+    for h in range(4):
+        assert torch.trace(q[h].T @ k[h]) > 0
+        assert torch.trace(proj[:, h] @ v[h]) < 0
+    images = torch.randn(8, 3, 32, 32)
+
+    def self_attention(model):
+        weights = model.forward_intermediates(images).attentions[0]  # (B, h, T, T)
+        return torch.diagonal(weights, dim1=-2, dim2=-1).mean()
+
+    assert self_attention(mimetic) > 3 * self_attention(plain)
+    # everything else is trunc_normal's: same patch embedding draw, same logits shape
+    assert torch.equal(mimetic.patch_embedding.projection.weight, plain.patch_embedding.projection.weight)
