@@ -8,6 +8,8 @@ import vitlab
 from vitlab.cli import main
 from vitlab.evaluate import evaluate, evaluate_checkpoint
 from vitlab.plots import plot_confusion_matrix
+from vitlab import VisionTransformer
+from tests.conftest import tiny_vit_kwargs
 from tests.image_fixtures import train_tiny_run
 
 
@@ -132,3 +134,24 @@ def test_bf16_serving_gives_fp32_answers_on_a_trained_checkpoint(cifar_run, cifa
     assert agreement >= 0.99
     # and the API agrees with `vitlab eval` on what the model scores
     assert (top["fp32"] == val.labels).float().mean().item() == pytest.approx(fp32.top1, abs=0.001)
+
+
+def test_flip_tta_scores_the_mean_of_an_image_and_its_mirror():
+    """tta="flip" gives exactly the mean logits of the image and its mirror image, for eval and
+    predict alike; a model that only sees mirrored images is then scored on both views."""
+    from vitlab.inference import tta_logits
+
+    model = VisionTransformer(**tiny_vit_kwargs()).eval()
+    images = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+        torch.testing.assert_close(tta_logits(model, images, "flip"), expected)
+        torch.testing.assert_close(tta_logits(model, images), model(images))
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta_logits(model, images, "crops")
+    classifier = vitlab.Classifier(model, class_names=list("abcde"), precision="fp32")
+    pixels = torch.rand(6, 3, 16, 16)
+    flipped = classifier.probabilities(pixels, tta="flip")
+    mirrored = classifier.probabilities(pixels.flip(-1), tta="flip")
+    torch.testing.assert_close(flipped, mirrored)  # both views of an image get one answer
+    assert not torch.allclose(classifier.probabilities(pixels), classifier.probabilities(pixels.flip(-1)))

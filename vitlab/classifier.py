@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference import inference_model
+from .inference import inference_model, tta_logits
 from .model import VisionTransformer
 from .precision import PRECISIONS, resolve_precision
 
@@ -145,15 +145,15 @@ class Classifier(nn.Module):
 
     # ---------------------------------------------------------------- inference
     @torch.inference_mode()
-    def probabilities(self, images) -> torch.Tensor:
-        """Softmax class probabilities (B, K), fp32, computed at `inference_precision`."""
+    def probabilities(self, images, tta: str = "none") -> torch.Tensor:
+        """Softmax class probabilities (B, K), fp32, computed at `inference_precision`; tta="flip"
+        averages the logits of each image and its mirror image (vitlab.inference.tta_logits)."""
         self.eval()
-        network = self.inference_network()
-        return F.softmax(network(self.preprocess(images)).float(), dim=-1)
+        return F.softmax(tta_logits(self.inference_network(), self.preprocess(images), tta), dim=-1)
 
-    def predict(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    def predict(self, images, top_k: int = 5, tta: str = "none") -> list[list[tuple[str, float]]]:
         """For each image, the top_k (class name, probability) pairs, most likely first."""
-        probs = self.probabilities(images)
+        probs = self.probabilities(images, tta)
         values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)  # (B, k)
         return [[(self.class_names[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
                 for vs, ix in zip(values, indices)]

@@ -14,8 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .budget import parse_duration
+
 DEFAULT_DATA = "../shared/datasets/cifar10-jpeg-train.tar.gz"
 PRECISIONS = ("auto", "bf16", "fp32")  # as vitlab.precision (not imported: `vitlab --help` stays torch-free)
+SCHEDULES = ("cosine", "linear")
 
 
 def option(default: Any = None, help: str = "", **flag) -> Any:
@@ -73,11 +76,17 @@ class TrainConfig:
     split_seed: int = option(0, "which images form the validation split; keep it fixed across runs")
     subset: int | None = option(None, "train on the first N training images, taken round-robin over "
                                       "the classes", metavar="N")
-    epochs: int = option(10, "epochs to train (the schedule's length)")
+    epochs: int = option(10, "epochs to train (the schedule's length); ignored with --time-budget")
+    time_budget: float | None = option(
+        None, "train for this long instead of --epochs (10m, 1h, 90s, 1h30m): the first steps measure "
+              "this machine's speed and the schedule (warmup, decay to --min-lr, EMA, evaluations) is "
+              "fitted to end with the budget", parse=parse_duration, metavar="DURATION")
     batch_size: int = option(128, "global batch size (split among torchrun processes)")
     eval_batch_size: int = option(500, "batch size for the validation pass")
     lr: float = option(1e-3, "peak learning rate, reached after warmup")
-    min_lr: float = option(1e-5, "learning rate at the end of the cosine")
+    min_lr: float = option(1e-5, "learning rate at the last step")
+    schedule: str = option("cosine", "decay from the peak to --min-lr after warmup: cosine or linear",
+                           choices=SCHEDULES)
     weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, tokens)")
     warmup_epochs: float = option(1.0, "epochs of linear warmup (fractions allowed)")
     label_smoothing: float = option(0.1, "label smoothing, in [0, 1)")
@@ -118,6 +127,11 @@ class TrainConfig:
         # 0 is how flags and files say "off" for these two
         self.clip_grad = self.clip_grad or None
         self.ema_decay = self.ema_decay or None
+        if isinstance(self.time_budget, str) or self.time_budget == 0:  # "10m" from a file; 0 = off
+            self.time_budget = parse_duration(self.time_budget) if self.time_budget else None
+        elif self.time_budget is not None and not (isinstance(self.time_budget, (int, float))
+                                                   and math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")
         for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
                      "ema_decay", "layer_decay", "val_size"):
             value = getattr(self, name)
@@ -142,6 +156,8 @@ class TrainConfig:
         ]:
             if not ok:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.freeze not in (None, "backbone"):

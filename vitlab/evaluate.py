@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import tta_logits
+
 
 @dataclass
 class EvalResult:
@@ -35,9 +37,10 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, *, bf16: bool = False, runtime=None,
-             class_names: list[str] | None = None) -> EvalResult:
+             class_names: list[str] | None = None, tta: str = "none") -> EvalResult:
     """Runs `model` over a BatchLoader(train=False) and counts. With a multi-process runtime each
-    process sees its shard and the counts are summed, so every process gets the full result."""
+    process sees its shard and the counts are summed, so every process gets the full result.
+    tta="flip" scores each image by the mean logits of it and its mirror image."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,7 +50,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, bf16: bool = False, 
     k = min(5, num_classes)
     for images, targets in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images).float()  # (B, K)
+            logits = tta_logits(model, images, tta)  # (B, K) fp32
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
         predicted = logits.argmax(dim=1)  # (B,)
         confusion += torch.bincount(targets * num_classes + predicted,
@@ -68,7 +71,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, bf16: bool = False, 
 
 def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, split: str = "val",
                         val_size: int | float | None = None, split_seed: int | None = None,
-                        batch_size: int = 500, precision: str = "auto", device: str = "auto") -> EvalResult:
+                        batch_size: int = 500, precision: str = "auto", device: str = "auto",
+                        tta: str = "none") -> EvalResult:
     """Loads a checkpoint and evaluates it on a split of `data`.
 
     split "val" rebuilds the validation split the checkpoint was trained with: its val_size and
@@ -100,4 +104,4 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
     loader = BatchLoader(available[split], batch_size, mean=classifier.mean, std=classifier.std, train=False,
                          device=run_device)
     return evaluate(classifier.inference_network(), loader, len(classifier.class_names),
-                    class_names=classifier.class_names)
+                    class_names=classifier.class_names, tta=tta)

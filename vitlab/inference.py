@@ -20,6 +20,21 @@ from .precision import bf16_supported, packed_bf16_linear_supported
 __all__ = ["PackedLinear", "bf16_supported", "inference_model", "pack_linears"]
 
 
+TTA_MODES = ("none", "flip")
+
+
+def tta_logits(network: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """fp32 logits (B, K) of normalised images (B, C, H, W), with test-time augmentation:
+    "flip" averages the logits of each image and its mirror image (training flips images too, so
+    the model has learnt both; two views of the same image err less than one)."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    logits = network(images).float()
+    if tta == "flip":
+        logits = (logits + network(images.flip(-1)).float()) / 2
+    return logits
+
+
 class PackedLinear(nn.Module):
     """A bf16 nn.Linear for CPU inference, optionally followed by GELU, in one oneDNN call.
 

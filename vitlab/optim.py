@@ -58,11 +58,16 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [groups[key] for key in sorted(groups)]
 
 
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
-    """Linear warmup from peak/warmup_steps to peak, then cosine down to floor at total_steps."""
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float,
+                  schedule: str = "cosine") -> float:
+    """Linear warmup from peak/warmup_steps to peak, then down to `floor` at the last step
+    (total_steps - 1): along a half cosine, or linearly (Li et al. 2020, "Budgeted training":
+    linear decay to zero is the robust choice when the run's length is fixed in advance)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    if schedule == "linear":
+        return floor + (peak - floor) * (1.0 - progress)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 

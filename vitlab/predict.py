@@ -72,8 +72,9 @@ def iter_image_batches(classifier: Classifier, inputs: list[str | Path], batch_s
 
 
 def predict_files(classifier: Classifier, inputs: list[str | Path], *, top_k: int = 5,
-                  batch_size: int = 64) -> list[FilePrediction]:
-    """Top-k predictions for every image in `inputs`; unreadable files get an error entry instead."""
+                  batch_size: int = 64, tta: str = "none") -> list[FilePrediction]:
+    """Top-k predictions for every image in `inputs`; unreadable files get an error entry instead.
+    tta="flip" averages each image with its mirror image (Classifier.probabilities)."""
     results: list[FilePrediction] = []
     order: dict[str, int] = {}
     for good, batch, bad in iter_image_batches(classifier, inputs, batch_size):
@@ -81,7 +82,7 @@ def predict_files(classifier: Classifier, inputs: list[str | Path], *, top_k: in
             order.setdefault(path, len(order))
             results.append(FilePrediction(path, None, error))
         if batch is not None:
-            for path, top in zip(good, classifier.predict(batch, top_k=top_k)):
+            for path, top in zip(good, classifier.predict(batch, top_k=top_k, tta=tta)):
                 order.setdefault(path, len(order))
                 results.append(FilePrediction(path, top))
     return sorted(results, key=lambda r: order[r.path])

@@ -20,6 +20,7 @@ the stop falls on an epoch's last step the epoch is first evaluated and checkpoi
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import rundir
+from .budget import CALIBRATION_STEPS, ema_decay_for, fit_total_steps, format_duration
 from .config import TrainConfig, resume_config, train_preset
 from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
 from .data.loader import derive_seed
@@ -81,11 +83,12 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
             config = TrainConfig.from_dict(config)
         if overrides:
             config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    started = time.perf_counter()  # a --time-budget counts from here: data loading included
     if not config.resume:
         rundir.check_out_dir(config.out, overwrite=config.overwrite)
     runtime = setup_runtime(config.device, config.precision)
     try:
-        result = _run(config, runtime)
+        result = _run(config, runtime, started)
         barrier(runtime)  # rank 0 is still writing files; leaving before it does can tear down gloo
         return result
     finally:
@@ -124,11 +127,12 @@ class Progress:
     best_val_top1: float | None = None
     # the epoch's running sums so far (loss * images, correct, images, seconds)
     partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
+    total_steps: int | None = None  # the run's length; fixed after calibration under a time budget
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
         return cls(state["epoch"], state["step_in_epoch"], state["global_step"], state["best_val_top1"],
-                   dict(state["partial_epoch"]))
+                   dict(state["partial_epoch"]), state.get("total_steps"))
 
     def next_epoch(self) -> None:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -154,11 +158,22 @@ class Job:
     steps_per_epoch: int
     warmup_steps: int
     sync_every: int  # optimizer steps between host reads of the loss
+    started: float  # time.perf_counter() when train() was called
+    total_steps: int | None = None  # None until a time-budget run has measured this machine's speed
+    calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
 
     def lr(self, step: int) -> float:
-        config = self.config
-        return learning_rate(step, self.steps_per_epoch * config.epochs, self.warmup_steps, config.lr,
-                             config.min_lr)
+        # before a budget run knows its length, the schedule is warmup, then the peak
+        total = self.total_steps or 2**62
+        return learning_rate(step, total, self.warmup_steps, self.config.lr, self.config.min_lr,
+                             self.config.schedule)
+
+    @property
+    def epochs(self) -> int | None:
+        return None if self.total_steps is None else math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def done(self, progress: "Progress") -> bool:
+        return self.total_steps is not None and progress.global_step >= self.total_steps
 
     def log(self, message: str) -> None:
         if self.runtime.is_main:
@@ -200,7 +215,7 @@ class StopOnInterrupt:
 
 
 # ---------------------------------------------------------------- build
-def build(config: TrainConfig, runtime: Runtime, state: dict | None) -> Job:
+def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: float) -> Job:
     """Data, model (from --init weights or the state file when given), optimizer, EMA and loaders."""
     log = (lambda message: print(message, flush=True)) if runtime.is_main else (lambda message: None)
     run_dir = Path(config.resume or config.out)
@@ -276,16 +291,18 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None) -> Job:
     return Job(config, runtime, run_dir, data, train_set, model, train_model, optimizer, ema, train_loader,
                val_loader, resolved, steps_per_epoch,
                warmup_steps=max(1, round(config.warmup_epochs * steps_per_epoch)),
-               sync_every=config.sync_every or (1 if runtime.device.type == "cpu" else 25))
+               sync_every=config.sync_every or (1 if runtime.device.type == "cpu" else 25), started=started,
+               total_steps=((state or {}).get("total_steps") if config.time_budget
+                            else steps_per_epoch * config.epochs))
 
 
 # ---------------------------------------------------------------- the loop
-def _run(config: TrainConfig, runtime: Runtime) -> TrainResult:
+def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
     """build -> for each epoch: train_one_epoch, evaluate, save -> curves."""
     state = ckpt.load_training_state(Path(config.resume) / ckpt.STATE_FILE) if config.resume else None
-    job = build(config, runtime, state)
+    job = build(config, runtime, state, started)
     run_dir, log = job.run_dir, job.log
-    progress = Progress.from_state(state) if state is not None else Progress()
+    progress = Progress.from_state(state) if state is not None else Progress(total_steps=job.total_steps)
     resume_rng = _saved_rng(state, runtime) if state is not None and progress.step_in_epoch else None
 
     metrics: list[dict] = []
@@ -309,10 +326,10 @@ def _run(config: TrainConfig, runtime: Runtime) -> TrainResult:
 
     status = "completed"
     with StopOnInterrupt(log) as stop:
-        while progress.epoch < config.epochs:
+        while not job.done(progress):
             reason = train_one_epoch(job, progress, stop, resume_rng)
             resume_rng = None
-            if progress.step_in_epoch < job.steps_per_epoch:  # stopped mid-epoch
+            if progress.step_in_epoch < job.steps_per_epoch and not job.done(progress):  # stopped mid-epoch
                 save_checkpoint(job, progress)
                 status = reason
                 break
@@ -322,7 +339,7 @@ def _run(config: TrainConfig, runtime: Runtime) -> TrainResult:
                 rundir.append_metrics(run_dir, row)
                 log(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
             reason = reason or ("interrupted" if stop.anywhere(runtime) else None)
-            if reason and progress.epoch < config.epochs:
+            if reason and not job.done(progress):
                 status = reason
                 break
 
@@ -396,11 +413,14 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
             if job.ema is not None:
                 job.ema.update(model)
             progress.global_step, progress.step_in_epoch = progress.global_step + 1, step
+            if progress.total_steps is None:
+                calibrate(job, progress)
+            budget_end = job.done(progress)
             hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
             window += torch.stack([loss.detach().double() * len(hard),
                                    (logits.argmax(1) == hard).sum().double(),
                                    torch.tensor(float(len(hard)), dtype=torch.float64, device=loss.device)])
-            if sync:
+            if sync or budget_end:
                 sums += window.cpu()
                 window.zero_()
                 elapsed = time.perf_counter() - start_time
@@ -411,12 +431,67 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                     speed = sums[2] * runtime.world_size / elapsed
                     bar.set_postfix_str(f"loss {sums[0] / sums[2]:.3f}  lr {lr:.2e}  {speed:.0f} img/s",
                                         refresh=False)
-                if flags[1] > 0 or last:
+                if sync and (flags[1] > 0 or last):
                     return "interrupted" if flags[1] > 0 else "stopped"
+            if budget_end:
+                return None  # the run's last step: finish_epoch evaluates and saves this partial epoch
     finally:
         if bar is not None:
             bar.close()
     return None
+
+
+def calibrate(job: Job, progress: Progress) -> None:
+    """Under a time budget: times optimizer steps CALIBRATION_STEPS[0] to [1] and one validation
+    batch, then fixes the run's length (vitlab.budget.fit_total_steps) and the EMA's horizon.
+    Every process calls it after the same step; they agree on the slowest one's speed."""
+    runtime, config = job.runtime, job.config
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    now = time.perf_counter()
+    if job.calibration_start is None:
+        if progress.global_step >= CALIBRATION_STEPS[0]:
+            job.calibration_start = (progress.global_step, now)
+        return
+    first_step, first_time = job.calibration_start
+    if progress.global_step - first_step < CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]:
+        return
+    step_s = (now - first_time) / (progress.global_step - first_step)
+    eval_s = _evaluation_seconds(job)
+    # the slowest process sets the pace (all_reduce has no max on every backend: gather instead)
+    step_s, eval_s = (max(values) for values in zip(*all_gather_object((step_s, eval_s), runtime)))
+    total = fit_total_steps(config.time_budget, now - job.started, progress.global_step, step_s,
+                            job.steps_per_epoch, eval_s)
+    job.total_steps = progress.total_steps = total
+    if job.ema is not None:
+        job.ema.decay = ema_decay_for(total, config.ema_decay)
+    job.resolved.update(total_steps=total, seconds_per_step=round(step_s, 5),
+                        ema_decay=job.ema.decay if job.ema is not None else None)
+    if runtime.is_main:
+        rundir.write_config(job.run_dir, {**config.to_dict(), "resume": None, "overwrite": False,
+                                          "out": str(job.run_dir), "resolved": job.resolved})
+    job.log(f"time budget {format_duration(config.time_budget)}: {1 / step_s:.1f} steps/s measured -> "
+            f"{total:,} steps ({total / job.steps_per_epoch:.1f} epochs), {config.schedule} decay to "
+            f"{config.min_lr:g} at the last step"
+            + (f", EMA decay {job.ema.decay:.4f}" if job.ema is not None else ""))
+
+
+def _evaluation_seconds(job: Job) -> float:
+    """Seconds one end-of-epoch evaluation (the model, and its EMA) will take, from one timed batch."""
+    if job.val_loader is None:
+        return 0.0
+    images, _ = next(iter(job.val_loader))
+    model = job.model
+    model.eval()
+    with torch.no_grad(), torch.autocast(job.runtime.device.type, dtype=torch.bfloat16,
+                                         enabled=job.runtime.bf16):
+        start = time.perf_counter()
+        model(images)
+        if job.runtime.device.type == "cuda":
+            torch.cuda.synchronize(job.runtime.device)
+        seconds = time.perf_counter() - start
+    model.train()
+    return seconds * len(job.val_loader) * (2 if job.ema is not None else 1)
 
 
 def finish_epoch(job: Job, progress: Progress) -> dict:
@@ -481,6 +556,7 @@ def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None) ->
     ckpt.save_training_state(job.run_dir / ckpt.STATE_FILE, {
         "format": ckpt.FORMAT, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
         "global_step": progress.global_step, "best_val_top1": progress.best_val_top1,
+        "total_steps": progress.total_steps,
         "partial_epoch": dict(progress.partial), "rng": {"torch": rng_states[0], "ranks": rng_states},
         "model": weights, "model_digest": ckpt.tensor_digest(weights),
         "model_config": job.model.config.to_dict(), "optimizer": job.optimizer.state_dict(),
@@ -503,5 +579,5 @@ def _progress_bar(job: Job, progress: Progress):
     from tqdm.auto import tqdm
 
     return tqdm(total=job.steps_per_epoch, initial=progress.step_in_epoch, unit="step",
-                desc=f"epoch {progress.epoch + 1}/{job.config.epochs}", leave=False, dynamic_ncols=True,
+                desc=f"epoch {progress.epoch + 1}/{job.epochs or '?'}", leave=False, dynamic_ncols=True,
                 mininterval=1.0, file=sys.stderr)

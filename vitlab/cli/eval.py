@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model_source import add_precision_option
+from .model_source import add_precision_option, add_tta_option
 
 
 def register(subparsers) -> None:
@@ -14,6 +14,7 @@ def register(subparsers) -> None:
     p.add_argument("--val-size", type=float, help="override the validation size recorded in the checkpoint")
     p.add_argument("--batch-size", type=int, default=500)
     add_precision_option(p)
+    add_tta_option(p)
     p.add_argument("--confusion", metavar="PNG",
                    help="where to write the confusion matrix (default: beside the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -33,7 +34,7 @@ def run(args) -> int:
     if val_size is not None and val_size >= 1:
         val_size = int(val_size)
     result = evaluate_checkpoint(path, args.data, split=args.split, val_size=val_size,
-                                 batch_size=args.batch_size, precision=args.precision)
+                                 batch_size=args.batch_size, precision=args.precision, tta=args.tta)
     png = Path(args.confusion) if args.confusion else path.parent / f"confusion-{path.stem}-{args.split}.png"
     plot_confusion_matrix(result, png, title=f"{path.name} on {args.split}: top-1 {result.top1:.2%} "
                                               f"({result.n} images)")

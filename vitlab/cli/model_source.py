@@ -18,6 +18,12 @@ def add_precision_option(parser) -> None:
                              "computes it natively, else fp32; bf16 elsewhere runs emulated (slower)")
 
 
+def add_tta_option(parser) -> None:
+    parser.add_argument("--tta", choices=["none", "flip"], default="none",
+                        help="test-time augmentation: flip averages each image with its mirror image "
+                             "(twice the compute)")
+
+
 def load_model_source(source: str | None, preset: str | None = None):
     """(vitlab.Classifier, one-line description of where it came from)."""
     from ..checkpoint import load_checkpoint

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model_source import add_precision_option
+from .model_source import add_precision_option, add_tta_option
 
 
 def register(subparsers) -> None:
@@ -11,6 +11,7 @@ def register(subparsers) -> None:
                    help="a run directory or .safetensors file, then image files, folders or globs")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
+    add_tta_option(p)
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
     add_precision_option(p)
     p.set_defaults(func=run)
@@ -41,7 +42,7 @@ def run(args) -> int:
         raise CLIError("no images given: vitlab predict [CHECKPOINT] IMAGES...")
     # checkpoint None -> the one-line "no default weights" error
     classifier = load_checkpoint(checkpoint, precision=args.precision)
-    results = predict_files(classifier, images, top_k=args.top_k, batch_size=args.batch_size)
+    results = predict_files(classifier, images, top_k=args.top_k, batch_size=args.batch_size, tta=args.tta)
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict()))

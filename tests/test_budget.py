@@ -1,0 +1,107 @@
+"""--time-budget: the run's length comes from this machine's measured speed and the budget."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+import vitlab
+from vitlab import checkpoint as ckpt
+from vitlab.budget import ema_decay_for, fit_total_steps, format_duration, parse_duration
+from vitlab.cli import main
+from vitlab.config import TrainConfig
+from vitlab.optim import learning_rate
+from tests.image_fixtures import make_image_folder, tiny_config
+
+budget_module = importlib.import_module("vitlab.budget")
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("1h", 3600), ("150m", 9000), ("90s", 90),
+                                           ("1h30m", 5400), ("2.5m", 150), ("10", 600), (10, 600)])
+def test_durations_read_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "10x", "0m", "-5m", "", "m"])
+def test_unreadable_durations_say_how_to_write_one(text):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (45, 600, 5430)] == ["45s", "10m00s", "1h30m"]
+
+
+def test_fitted_run_spends_the_budget_on_steps_and_evaluations():
+    budget, elapsed, done, step_s, per_epoch, eval_s = 600.0, 40.0, 25, 0.2, 351, 15.0
+    total = fit_total_steps(budget, elapsed, done, step_s, per_epoch, eval_s)
+    evaluations = -(-total // per_epoch)
+    spent = elapsed + (total - done) * step_s + evaluations * eval_s
+    assert budget * 0.95 < spent <= budget  # uses (nearly) all of it, never more
+    # a slower machine gets fewer steps; evaluations that cost more leave fewer too
+    assert fit_total_steps(budget, elapsed, done, 2 * step_s, per_epoch, eval_s) < total
+    assert fit_total_steps(budget, elapsed, done, step_s, per_epoch, 4 * eval_s) < total
+    # a budget already spent still finishes the step in hand
+    assert fit_total_steps(10.0, 40.0, done, step_s, per_epoch, eval_s) == done + 1
+
+
+def test_ema_horizon_shrinks_to_a_tenth_of_a_short_run():
+    assert ema_decay_for(100_000, 0.998) == 0.998
+    assert ema_decay_for(1000, 0.998) == pytest.approx(0.99)
+
+
+def test_linear_schedule_reaches_the_floor_on_the_last_step():
+    lrs = [learning_rate(s, 100, 10, 1.0, 0.0, "linear") for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and lrs[99] == 0.0
+    assert lrs[10] == 1.0 and lrs[54] == pytest.approx(1.0 - 44 / 89)  # a straight line, steps 10 to 99
+    cosine = [learning_rate(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert cosine[99] == pytest.approx(0.0, abs=1e-12) and cosine[54] == pytest.approx(0.5, abs=0.02)
+
+
+def test_time_budget_in_config_files_and_flags():
+    assert TrainConfig(time_budget="10m").time_budget == 600
+    assert TrainConfig(time_budget=0).time_budget is None
+    with pytest.raises(ValueError, match="duration"):
+        TrainConfig(time_budget="soon")
+    with pytest.raises(ValueError, match="schedule must be"):
+        TrainConfig(schedule="step")
+
+
+def _fake_clock(monkeypatch, seconds_per_call: float):
+    """time.perf_counter advancing by a fixed amount per call: calibration then sees a known speed,
+    whatever this machine's load."""
+    clock = {"t": 0.0}
+
+    def tick():
+        clock["t"] += seconds_per_call
+        return clock["t"]
+
+    monkeypatch.setattr(importlib.import_module("vitlab.train").time, "perf_counter", tick)
+
+
+def test_budget_run_fits_its_length_to_the_measured_speed_and_resumes_on_that_schedule(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "images", per_class=40)
+    _fake_clock(monkeypatch, 0.05)
+    config = tiny_config(data, tmp_path / "run", precision="fp32", epochs=1, time_budget=6.0, batch_size=8,
+                         min_lr=0.0, schedule="linear", max_steps=30)
+    result = vitlab.train(config)
+    assert result.status == "stopped"  # max_steps 30 comes before the budget's end
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    total = saved["total_steps"]
+    assert total > 30 and total != config.epochs * saved["steps_per_epoch"]  # the budget decides, not epochs
+    assert "steps/s measured" in capsys.readouterr().out
+    state = ckpt.load_training_state(tmp_path / "run" / ckpt.STATE_FILE)
+    assert state["total_steps"] == total
+
+    # resumed on a "faster machine": the saved length holds, and the run ends on its last step
+    _fake_clock(monkeypatch, 0.001)
+    resumed = vitlab.train(resume=str(tmp_path / "run"))
+    assert resumed.status == "completed"
+    final = ckpt.load_training_state(tmp_path / "run" / ckpt.STATE_FILE)
+    assert final["global_step"] == total
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # linear decay ends at min_lr on the last step
+    assert rows[-1]["val_top1"] is not None  # the last, partial epoch was evaluated

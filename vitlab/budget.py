@@ -1,0 +1,64 @@
+"""Training for a wall-clock budget instead of an epoch count.
+
+`vitlab train --time-budget 10m` measures how fast this machine trains during the first steps,
+then fixes the run's length in optimizer steps so that training, the per-epoch evaluations and
+the final saves end when the budget does. The schedule (warmup, decay to the floor at the last
+step, EMA horizon) is then laid over those steps, so the same command gives the best model this
+machine can train in that time, on any CPU or GPU. The step count is saved with the run, so a
+resumed run keeps the original budget's schedule however fast the machine it resumes on is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+CALIBRATION_STEPS = (5, 25)  # timed between these optimizer steps (the first ones warm caches up)
+RESERVE_FRACTION = 0.02  # of the budget, for the last checkpoint, curves and process exit
+
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """"10m", "1h", "150m", "90s", "1h30m" (or a bare number of minutes) -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text) * 60.0
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|min|m|s)", str(text).strip().lower())
+        rest = re.sub(r"(\d+(?:\.\d+)?)\s*(h|min|m|s)", "", str(text).strip().lower()).strip()
+        if not parts and re.fullmatch(r"\d+(\.\d+)?", rest):
+            parts, rest = [(rest, "m")], ""
+        if not parts or rest:
+            raise ValueError(f"cannot read {text!r} as a duration: write e.g. 10m, 1h, 90s or 1h30m")
+        seconds = sum(float(value) * _UNITS[unit] for value, unit in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a time budget must be a positive duration, got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: float,
+                    steps_per_epoch: int, eval_s_per_epoch: float) -> int:
+    """How many optimizer steps the whole run can take so that it ends within `budget_s`.
+
+    elapsed_s: wall time spent so far (data loading, the steps_done steps); step_s: measured
+    seconds per optimizer step; eval_s_per_epoch: seconds of the evaluation that ends each epoch
+    (the last, partial epoch is evaluated too). Never fewer steps than already done plus one.
+    """
+    remaining = budget_s * (1.0 - RESERVE_FRACTION) - elapsed_s
+    total = steps_done + max(0.0, remaining) / step_s
+    for _ in range(20):  # more steps -> more epochs -> more evaluations: a short fixed point
+        evaluations = math.ceil(total / steps_per_epoch)
+        total = steps_done + max(0.0, remaining - evaluations * eval_s_per_epoch) / step_s
+    return max(steps_done + 1, math.floor(total))
+
+
+def ema_decay_for(total_steps: int, configured: float) -> float:
+    """The configured EMA decay, shortened so the average spans at most the last ~10% of the run:
+    on a short budget a long average would still carry the early, poor weights at the end."""
+    return min(configured, 1.0 - 10.0 / max(total_steps, 20))
