@@ -42,6 +42,10 @@ def test_fitted_run_spends_the_budget_on_steps_and_evaluations():
     # a slower machine gets fewer steps; evaluations that cost more leave fewer too
     assert fit_total_steps(budget, elapsed, done, 2 * step_s, per_epoch, eval_s) < total
     assert fit_total_steps(budget, elapsed, done, step_s, per_epoch, 4 * eval_s) < total
+    # re-fitted after the first epoch: its evaluation is in the elapsed time, not counted again
+    after_one = fit_total_steps(budget, 300.0, per_epoch, step_s, per_epoch, eval_s, evaluations_done=1)
+    assert 300.0 + (after_one - per_epoch) * step_s + (-(-after_one // per_epoch) - 1) * eval_s <= budget
+    assert after_one > fit_total_steps(budget, 300.0, per_epoch, step_s, per_epoch, eval_s)
     # a budget already spent still finishes the step in hand
     assert fit_total_steps(10.0, 40.0, done, step_s, per_epoch, eval_s) == done + 1
 
@@ -105,3 +109,16 @@ def test_budget_run_fits_its_length_to_the_measured_speed_and_resumes_on_that_sc
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # linear decay ends at min_lr on the last step
     assert rows[-1]["val_top1"] is not None  # the last, partial epoch was evaluated
+
+
+def test_timing_runs_to_the_end_of_warmup_within_a_quarter_of_the_budget():
+    from vitlab.budget import calibration_end
+
+    assert calibration_end(warmup_steps=176, step_s=0.9, budget_s=600) == 166  # a quarter of 10 min
+    assert calibration_end(warmup_steps=176, step_s=0.1, budget_s=600) == 176  # the end of warmup
+    assert calibration_end(warmup_steps=3, step_s=0.1, budget_s=600) == 25  # never under 20 timed steps
+
+
+def test_a_run_too_short_for_its_warmup_still_ends_at_the_floor():
+    assert learning_rate(1, 2, 1, 1.0, 0.0, "linear") == 0.0
+    assert learning_rate(1, 2, 1, 1.0, 0.0) == pytest.approx(0.0, abs=1e-12)

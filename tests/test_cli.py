@@ -47,3 +47,16 @@ def test_inference_commands_take_a_precision(capsys):
         with pytest.raises(SystemExit, match="2"):
             parser.parse_args(command + ["--precision", "fp16"])
         assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`vitlab models | head -1`: the reader leaves early; no traceback, exit status 141 as `yes`."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "vitlab", "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # nobody reads: the first write fails with EPIPE
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) in (0, 141)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr

@@ -188,6 +188,10 @@ def _stderr_silenced():
         os.close(saved)
 
 
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def peak_memory_bytes(fn, device: torch.device) -> int:
     """Bytes allocated at the high-water mark of one call of fn, above what was live before."""
     if device.type == "cuda":
@@ -235,8 +239,8 @@ class Result:
     forward_gflops_per_image: float  # what this implementation runs (vitlab: [CLS]-only last block)
     train_tflops: float
     inference_tflops: float
-    train_utilisation: float  # of the measured matmul peak at this precision
-    inference_utilisation: float
+    train_utilisation: float | None  # of the measured matmul peak; None where bf16 is emulated
+    inference_utilisation: float | None
     train_peak_mib: float
     inference_peak_mib: float
     train_img_s_rounds: list[float]
@@ -320,10 +324,10 @@ class BenchReport:
             rows.append((
                 r.precision, r.implementation, r.train_mode, f"{r.train_img_s:.1f}",
                 f"{train_ratio:.2f}x" if train_ratio is not None else "-",
-                f"{r.train_tflops:.3f}", f"{100 * r.train_utilisation:.0f}%",
+                f"{r.train_tflops:.3f}", _percent(r.train_utilisation),
                 r.inference_mode, f"{r.inference_img_s:.1f}",
                 f"{infer_ratio:.2f}x" if infer_ratio is not None else "-",
-                f"{r.inference_tflops:.3f}", f"{100 * r.inference_utilisation:.0f}%",
+                f"{r.inference_tflops:.3f}", _percent(r.inference_utilisation),
                 f"{r.train_peak_mib:.0f}", f"{r.inference_peak_mib:.0f}",
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -371,11 +375,15 @@ def run_benchmark(config: BenchConfig, log=print) -> BenchReport:
         peaks[(c.name, c.precision)] = (peak_memory_bytes(train(c), device),
                                         peak_memory_bytes(infer(c), device))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peak_rounds = {p: [] for p in config.precisions}
+    # an emulated bf16 matmul has no meaningful peak (the square test matmul is slower than the
+    # model's own) and takes minutes to time: utilisation is only reported where bf16 is native
+    native_bf16 = resolve_precision("auto", device) == "bf16"
+    measured = [p for p in config.precisions if p == "fp32" or native_bf16]
+    peak_rounds = {p: [] for p in measured}
     train_rounds = {(c.name, c.precision): [] for c in contenders}
     infer_rounds = {(c.name, c.precision): [] for c in contenders}
     for round_index in range(config.rounds):
-        for precision in config.precisions:
+        for precision in measured:
             peak_rounds[precision].append(matmul_tflops(config.matmul_size, dtypes[precision], device))
         # each round starts with the next model, so none is always the one that runs first after
         # a switch of precision (or right after the matmul loop)
@@ -402,7 +410,8 @@ def run_benchmark(config: BenchConfig, log=print) -> BenchReport:
         train_tflops, infer_tflops = train_img_s * training / 1e12, infer_img_s * forward / 1e12
         results.append(Result(
             c.name, c.precision, c.train_mode, c.inference_mode, train_img_s, infer_img_s, forward / 1e9,
-            train_tflops, infer_tflops, train_tflops / peak[c.precision], infer_tflops / peak[c.precision],
+            train_tflops, infer_tflops, *((train_tflops / peak[c.precision], infer_tflops / peak[c.precision])
+                                          if c.precision in peak else (None, None)),
             peaks[key][0] / 2**20, peaks[key][1] / 2**20, train_rounds[key], infer_rounds[key]))
     return BenchReport(
         preset=config.preset, batch_size=config.batch_size, rounds=config.rounds, device=str(device),

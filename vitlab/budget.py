@@ -13,7 +13,18 @@ from __future__ import annotations
 import math
 import re
 
-CALIBRATION_STEPS = (5, 25)  # timed between these optimizer steps (the first ones warm caches up)
+# Optimizer steps are timed from step 5 (the first ones warm caches up) to the end of warmup,
+# where the decay, the only part of the schedule that depends on the run's length, begins: the
+# longest window that changes nothing already done. At least 20 steps; at most a quarter of the
+# budget, estimated from the first 20.
+CALIBRATION_START, CALIBRATION_MIN_STEPS, CALIBRATION_MAX_FRACTION = 5, 20, 0.25
+
+
+def calibration_end(warmup_steps: int, step_s: float, budget_s: float) -> int:
+    """The optimizer step at which timing stops and the run's length is fixed."""
+    first = CALIBRATION_START + CALIBRATION_MIN_STEPS
+    affordable = int(CALIBRATION_MAX_FRACTION * budget_s / step_s)
+    return max(first, min(warmup_steps, affordable))
 RESERVE_FRACTION = 0.02  # of the budget, for the last checkpoint, curves and process exit
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -43,17 +54,18 @@ def format_duration(seconds: float) -> str:
 
 
 def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: float,
-                    steps_per_epoch: int, eval_s_per_epoch: float) -> int:
+                    steps_per_epoch: int, eval_s_per_epoch: float, evaluations_done: int = 0) -> int:
     """How many optimizer steps the whole run can take so that it ends within `budget_s`.
 
     elapsed_s: wall time spent so far (data loading, the steps_done steps); step_s: measured
     seconds per optimizer step; eval_s_per_epoch: seconds of the evaluation that ends each epoch
-    (the last, partial epoch is evaluated too). Never fewer steps than already done plus one.
+    (the last, partial epoch is evaluated too); evaluations_done of them are inside elapsed_s
+    already. Never fewer steps than already done plus one.
     """
     remaining = budget_s * (1.0 - RESERVE_FRACTION) - elapsed_s
     total = steps_done + max(0.0, remaining) / step_s
     for _ in range(20):  # more steps -> more epochs -> more evaluations: a short fixed point
-        evaluations = math.ceil(total / steps_per_epoch)
+        evaluations = math.ceil(total / steps_per_epoch) - evaluations_done
         total = steps_done + max(0.0, remaining - evaluations * eval_s_per_epoch) / step_s
     return max(steps_done + 1, math.floor(total))
 

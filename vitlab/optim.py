@@ -65,7 +65,8 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
     linear decay to zero is the robust choice when the run's length is fixed in advance)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    span = total_steps - 1 - warmup_steps  # steps from the peak to the last one
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
     if schedule == "linear":
         return floor + (peak - floor) * (1.0 - progress)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))

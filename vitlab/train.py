@@ -34,7 +34,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import rundir
-from .budget import CALIBRATION_STEPS, ema_decay_for, fit_total_steps, format_duration
+from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_START, calibration_end, ema_decay_for, fit_total_steps,
+                     format_duration)
 from .config import TrainConfig, resume_config, train_preset
 from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
 from .data.loader import derive_seed
@@ -161,12 +162,15 @@ class Job:
     started: float  # time.perf_counter() when train() was called
     total_steps: int | None = None  # None until a time-budget run has measured this machine's speed
     calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
+    calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
 
     def lr(self, step: int) -> float:
         # before a budget run knows its length, the schedule is warmup, then the peak
         total = self.total_steps or 2**62
-        return learning_rate(step, total, self.warmup_steps, self.config.lr, self.config.min_lr,
-                             self.config.schedule)
+        warmup = self.warmup_steps
+        if self.config.time_budget and self.total_steps is not None:
+            warmup = min(warmup, max(1, self.total_steps // 5))  # a short budget: warmup <= a fifth
+        return learning_rate(step, total, warmup, self.config.lr, self.config.min_lr, self.config.schedule)
 
     @property
     def epochs(self) -> int | None:
@@ -442,23 +446,30 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
 
 
 def calibrate(job: Job, progress: Progress) -> None:
-    """Under a time budget: times optimizer steps CALIBRATION_STEPS[0] to [1] and one validation
-    batch, then fixes the run's length (vitlab.budget.fit_total_steps) and the EMA's horizon.
-    Every process calls it after the same step; they agree on the slowest one's speed."""
+    """Under a time budget: times optimizer steps from CALIBRATION_START to the end of warmup
+    (vitlab.budget.calibration_end) and one validation batch, then fixes the run's length
+    (vitlab.budget.fit_total_steps) and the EMA's horizon. Every process calls it after every
+    step until then; they agree on the slowest one's speed, so they stop at the same step."""
     runtime, config = job.runtime, job.config
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
     now = time.perf_counter()
     if job.calibration_start is None:
-        if progress.global_step >= CALIBRATION_STEPS[0]:
+        if progress.global_step >= CALIBRATION_START:
             job.calibration_start = (progress.global_step, now)
         return
     first_step, first_time = job.calibration_start
-    if progress.global_step - first_step < CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0]:
+    timed = progress.global_step - first_step
+    step_s = (now - first_time) / max(timed, 1)
+    if job.calibration_end is None:
+        if timed < CALIBRATION_MIN_STEPS:
+            return
+        # the slowest process sets the pace (all_reduce has no max on every backend: gather)
+        step_s = max(all_gather_object(step_s, runtime))
+        job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget)
+    if progress.global_step < job.calibration_end:
         return
-    step_s = (now - first_time) / (progress.global_step - first_step)
     eval_s = _evaluation_seconds(job)
-    # the slowest process sets the pace (all_reduce has no max on every backend: gather instead)
     step_s, eval_s = (max(values) for values in zip(*all_gather_object((step_s, eval_s), runtime)))
     total = fit_total_steps(config.time_budget, now - job.started, progress.global_step, step_s,
                             job.steps_per_epoch, eval_s)
@@ -474,6 +485,24 @@ def calibrate(job: Job, progress: Progress) -> None:
             f"{total:,} steps ({total / job.steps_per_epoch:.1f} epochs), {config.schedule} decay to "
             f"{config.min_lr:g} at the last step"
             + (f", EMA decay {job.ema.decay:.4f}" if job.ema is not None else ""))
+
+
+def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
+    """Under a time budget, at the end of each epoch: this epoch's own pace (every step's share of
+    batching, EMA updates and logging, which warmup's timing may not show) and its evaluation's
+    real cost fix the run's length again, so the run still ends with the budget."""
+    step_s = progress.partial["seconds"] / max(progress.step_in_epoch, 1)
+    step_s, eval_s = (max(values) for values in zip(*all_gather_object((step_s, eval_s), job.runtime)))
+    total = fit_total_steps(job.config.time_budget, time.perf_counter() - job.started, progress.global_step,
+                            step_s, job.steps_per_epoch, eval_s, evaluations_done=progress.epoch + 1)
+    if total != job.total_steps:
+        job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
+                f"(was {job.total_steps:,})")
+    job.total_steps = progress.total_steps = total
+    job.resolved["total_steps"] = total
+    if job.runtime.is_main:
+        rundir.write_config(job.run_dir, {**job.config.to_dict(), "resume": None, "overwrite": False,
+                                          "out": str(job.run_dir), "resolved": job.resolved})
 
 
 def _evaluation_seconds(job: Job) -> float:
@@ -503,10 +532,14 @@ def finish_epoch(job: Job, progress: Progress) -> dict:
     row = {"epoch": progress.epoch + 1, "train_loss": float(sums[0] / sums[2]),
            "train_top1": float(sums[1] / sums[2]), "lr": job.lr(progress.global_step - 1)}
     scores = {}
+    evaluation_start = time.perf_counter()
     if job.val_loader is not None:
         scores.update(validate(job, job.model, prefix=""))
         if job.ema is not None:
             scores.update(validate(job, job.ema.copy_of(job.model), prefix="ema_"))
+    if job.calibration_start is not None and job.total_steps is not None and not job.done(progress):
+        # a budget run that timed itself (not one resumed after that: it keeps the saved length)
+        refit_budget(job, progress, time.perf_counter() - evaluation_start)
     row.update(scores)
     row.update(epoch_seconds=round(partial["seconds"], 2),
                train_img_per_s=round(float(sums[2]) / max(partial["seconds"], 1e-9), 1))

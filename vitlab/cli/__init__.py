@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # module name under vitlab.cli for each subcommand, in the order `vitlab --help` lists them
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError) as error:
         print(f"vitlab {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`vitlab predict ... | head`): stop quietly, as Unix tools do;
+        # stdout now points at /dev/null so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
