@@ -317,8 +317,7 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
         # a resumed run drops the rows of epochs it redoes; a fresh one starts the file empty
         metrics = rundir.read_metrics(run_dir, up_to_epoch=progress.epoch) if state is not None else []
         rundir.rewrite_metrics(run_dir, metrics)
-        rundir.write_config(run_dir, {**config.to_dict(), "resume": None, "overwrite": False,
-                                      "out": str(run_dir), "resolved": job.resolved})
+        _write_config(job)
         rundir.write_environment(run_dir, describe_environment(runtime))
         if state is not None:
             where = f"epoch {progress.epoch + 1}" + (f", step {progress.step_in_epoch}"
@@ -476,11 +475,9 @@ def calibrate(job: Job, progress: Progress) -> None:
     job.total_steps = progress.total_steps = total
     if job.ema is not None:
         job.ema.decay = ema_decay_for(total, config.ema_decay)
-    job.resolved.update(total_steps=total, seconds_per_step=round(step_s, 5),
+    job.resolved.update(seconds_per_step=round(step_s, 5),
                         ema_decay=job.ema.decay if job.ema is not None else None)
-    if runtime.is_main:
-        rundir.write_config(job.run_dir, {**config.to_dict(), "resume": None, "overwrite": False,
-                                          "out": str(job.run_dir), "resolved": job.resolved})
+    _record_length(job, total)
     job.log(f"time budget {format_duration(config.time_budget)}: {1 / step_s:.1f} steps/s measured -> "
             f"{total:,} steps ({total / job.steps_per_epoch:.1f} epochs), {config.schedule} decay to "
             f"{config.min_lr:g} at the last step"
@@ -499,10 +496,20 @@ def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
         job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
                 f"(was {job.total_steps:,})")
     job.total_steps = progress.total_steps = total
-    job.resolved["total_steps"] = total
+    _record_length(job, total)
+
+
+def _write_config(job: Job) -> None:
+    """config.json: the config as run (resume with it), plus what was derived from it ("resolved")."""
+    rundir.write_config(job.run_dir, {**job.config.to_dict(), "resume": None, "overwrite": False,
+                                      "out": str(job.run_dir), "resolved": job.resolved})
+
+
+def _record_length(job: Job, total_steps: int) -> None:
+    """A budget run's length goes into config.json's "resolved" as soon as it is fixed."""
+    job.resolved["total_steps"] = total_steps
     if job.runtime.is_main:
-        rundir.write_config(job.run_dir, {**job.config.to_dict(), "resume": None, "overwrite": False,
-                                          "out": str(job.run_dir), "resolved": job.resolved})
+        _write_config(job)
 
 
 def _evaluation_seconds(job: Job) -> float:
