@@ -108,12 +108,15 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def alternating_flips(index: torch.Tensor, epoch: int, seed: int, dataset_size: int) -> torch.Tensor:
-    """bool (B,): whether each dataset image `index` is flipped in `epoch` under alternating flips.
+def first_epoch_flips(dataset_size: int, seed: int) -> torch.Tensor:
+    """bool (N,): the seeded random half of the dataset that alternating flips mirror in even epochs
+    (the other half in odd ones)."""
+    return torch.rand(dataset_size, generator=torch.Generator().manual_seed(seed)) < 0.5
 
-    A seeded random half of the dataset flips in even epochs, the other half in odd ones."""
-    first = torch.rand(dataset_size, generator=torch.Generator().manual_seed(seed)) < 0.5  # (N,) epoch 0
-    return first[index.cpu()] ^ bool(epoch % 2)
+
+def alternating_flips(index: torch.Tensor, epoch: int, first_flips: torch.Tensor) -> torch.Tensor:
+    """bool (B,): whether each dataset image `index` is flipped in `epoch` under alternating flips."""
+    return first_flips[index.cpu()] ^ bool(epoch % 2)
 
 
 def build_policy(config: AugmentConfig):

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .augment import (AugmentConfig, alternating_flips, apply_policy, build_mix, build_policy, random_crop_flip,
-                      random_erasing)
+from .augment import (AugmentConfig, alternating_flips, apply_policy, build_mix, build_policy, first_epoch_flips,
+                      random_crop_flip, random_erasing)
 from .cpu import one_cpu_thread
 from .imageset import ImageSet
 
@@ -50,6 +50,8 @@ class BatchLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
         self.policy = build_policy(self.augment)
         self.mix = build_mix(self.augment, self.num_classes)
+        self.first_flips = (first_epoch_flips(len(self.images), derive_seed(seed, -1))
+                            if self.augment.flip and self.augment.flip_mode == "alternate" else None)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,8 +98,8 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(batch_seed)
         if config.crop_padding or config.flip:
             flipped = None
-            if config.flip and config.flip_mode == "alternate":
-                flipped = alternating_flips(index, self.epoch, derive_seed(self.seed, -1), len(self.images))
+            if self.first_flips is not None:
+                flipped = alternating_flips(index, self.epoch, self.first_flips)
             images = random_crop_flip(images, config.crop_padding, config.flip, generator, config.padding_mode,
                                       flipped)
         with torch.random.fork_rng(devices=[]):
