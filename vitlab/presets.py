@@ -25,6 +25,10 @@ PRESETS: dict[str, dict] = {
                  heads=8, mlp_dim=2048, dropout=0.1),
     "nano": dict(_FAMILY, dim=128, depth=6, heads=4, mlp_dim=512, drop_path=0.0),
     "tiny": dict(_FAMILY, dim=192, depth=9, heads=3, mlp_dim=768, drop_path=0.05),
+    # ViT-Lite-7/4's shape (Hassani et al., 2021, "Escaping the Big Data Paradigm with Compact
+    # Transformers"): a plain ViT that reaches ~91% on CIFAR-10 from scratch with heavy augmentation;
+    # 3.7M parameters, 7.5 MB in bf16. The model vitlab ships.
+    "lite": dict(_FAMILY, dim=256, depth=7, heads=4, mlp_dim=512, drop_path=0.1, init="mimetic"),
     "small": dict(_FAMILY, dim=384, depth=9, heads=6, mlp_dim=1536, drop_path=0.1),
     "base": dict(_FAMILY, dim=768, depth=12, heads=12, mlp_dim=3072, drop_path=0.2),
 }
@@ -33,6 +37,7 @@ DESCRIPTIONS = {
     "seed": "the tutorial's CIFAR-10 ViT, exactly",
     "nano": "quick CPU runs and tests",
     "tiny": "laptop-CPU training",
+    "lite": "ViT-Lite-7/4 shape: the shipped model",
     "small": "the default for a GPU",
     "base": "ViT-Base width on 32x32 images",
 }

@@ -163,6 +163,7 @@ class Job:
     total_steps: int | None = None  # None until a time-budget run has measured this machine's speed
     calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
     calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
+    save_s: float = 0.0  # seconds the last end-of-epoch checkpoint took (a budget counts it per epoch)
 
     def lr(self, step: int) -> float:
         # before a budget run knows its length, the schedule is warmup, then the peak
@@ -422,7 +423,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
             hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
             window += torch.stack([loss.detach().double() * len(hard),
                                    (logits.argmax(1) == hard).sum().double(),
-                                   torch.tensor(float(len(hard)), dtype=torch.float64, device=loss.device)])
+                                   loss.new_full((), len(hard), dtype=torch.float64)])  # no host copy
             if sync or budget_end:
                 sums += window.cpu()
                 window.zero_()
@@ -546,12 +547,15 @@ def finish_epoch(job: Job, progress: Progress) -> dict:
             scores.update(validate(job, job.ema.copy_of(job.model), prefix="ema_"))
     if job.calibration_start is not None and job.total_steps is not None and not job.done(progress):
         # a budget run that timed itself (not one resumed after that: it keeps the saved length)
-        refit_budget(job, progress, time.perf_counter() - evaluation_start)
+        # each epoch also ends with a checkpoint: the last one's cost stands in for the rest
+        refit_budget(job, progress, time.perf_counter() - evaluation_start + job.save_s)
     row.update(scores)
     row.update(epoch_seconds=round(partial["seconds"], 2),
                train_img_per_s=round(float(sums[2]) / max(partial["seconds"], 1e-9), 1))
     progress.next_epoch()
+    save_start = time.perf_counter()
     save_checkpoint(job, progress, scores)
+    job.save_s = time.perf_counter() - save_start
     row["best_val_top1"] = progress.best_val_top1
     return row
 

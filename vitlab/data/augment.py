@@ -72,6 +72,15 @@ def augment_preset(name: str, **overrides) -> AugmentConfig:
     return replace(AUGMENT_PRESETS[name], **overrides)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: a plain copy to a GPU waits for every
+    kernel already queued there (the whole previous training step), a copy from pinned memory
+    does not. PyTorch's pinned-memory cache keeps the buffer alive until the copy has run."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
                      padding_mode: str = "reflect", flipped: torch.Tensor | None = None) -> torch.Tensor:
     """Pads, crops back to the original size at a random offset and flips, per image, in one gather.
@@ -96,9 +105,9 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     rows = _reflect(rows, h) if padding_mode == "reflect" else rows.clamp(0, h - 1)
     cols = _reflect(cols, w) if padding_mode == "reflect" else cols.clamp(0, w - 1)
     batch = torch.arange(b, device=device)[:, None, None]
-    out = images[batch, :, rows.to(device)[:, :, None], cols.to(device)[:, None, :]]  # (B, H, W, C)
+    out = images[batch, :, to_device(rows, device)[:, :, None], to_device(cols, device)[:, None, :]]  # (B, H, W, C)
     if inside is not None:
-        out = out * inside.to(device).unsqueeze(3)
+        out = out * to_device(inside, device).unsqueeze(3)
     return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
 
 
@@ -162,7 +171,7 @@ def random_erasing(images: torch.Tensor, probability: float, generator: torch.Ge
     inside_rows = (ys >= top[:, None]) & (ys < (top + box_h)[:, None])  # (B, H)
     inside_cols = (xs >= left[:, None]) & (xs < (left + box_w)[:, None])  # (B, W)
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :]) & erase[:, None, None]  # (B, H, W)
-    return images.masked_fill(mask.to(images.device).unsqueeze(1), 0.0)
+    return images.masked_fill(to_device(mask, images.device).unsqueeze(1), 0.0)
 
 
 def build_mix(config: AugmentConfig, num_classes: int):

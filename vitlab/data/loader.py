@@ -14,7 +14,7 @@ import math
 import torch
 
 from .augment import (AugmentConfig, alternating_flips, apply_policy, build_mix, build_policy, first_epoch_flips,
-                      random_crop_flip, random_erasing)
+                      random_crop_flip, random_erasing, to_device)
 from .cpu import one_cpu_thread
 from .imageset import ImageSet
 
@@ -84,7 +84,7 @@ class BatchLoader:
     def __iter__(self):
         indices = self._rank_indices()
         for batch_number in range(self._num_batches(len(indices))):
-            index = indices[batch_number * self.batch_size:(batch_number + 1) * self.batch_size].to(self.device)
+            index = indices[batch_number * self.batch_size:(batch_number + 1) * self.batch_size]
             with one_cpu_thread(self.device):
                 batch = self.make_batch(index, derive_seed(self.seed, self.epoch, self.rank, batch_number))
             yield batch
@@ -92,6 +92,10 @@ class BatchLoader:
     def make_batch(self, index: torch.Tensor, batch_seed: int):
         """The batch of these dataset indices, as iteration builds it for a batch with this seed
         (augmented when train=True): (images float (B, C, H, W), targets (B,) or (B, K))."""
+        # the flip bookkeeping reads the indices on the CPU: reading them back from a GPU would make
+        # the host wait for every step already queued there
+        cpu_index = index.cpu()
+        index = to_device(cpu_index, self.device)
         images = self.images[index]  # uint8 (B, C, H, W)
         labels = self.labels[index]  # int64 (B,)
         config = self.augment
@@ -99,7 +103,7 @@ class BatchLoader:
         if config.crop_padding or config.flip:
             flipped = None
             if self.first_flips is not None:
-                flipped = alternating_flips(index, self.epoch, self.first_flips)
+                flipped = alternating_flips(cpu_index, self.epoch, self.first_flips)
             images = random_crop_flip(images, config.crop_padding, config.flip, generator, config.padding_mode,
                                       flipped)
         with torch.random.fork_rng(devices=[]):
