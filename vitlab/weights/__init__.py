@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, read_metadata, read_safetensors_metadata, resolve_checkpoint
-from .model import ViTConfig, VisionTransformer, resample_position_embedding, to_2tuple
+from ..checkpoint import FORMAT, read_metadata, read_safetensors_metadata, resolve_checkpoint
+from ..model import ViTConfig, VisionTransformer, resample_position_embedding, to_2tuple
 
 StateDict = dict[str, torch.Tensor]
 
