@@ -113,7 +113,7 @@ def test_cli_on_a_checkpoint_names_the_predicted_class(tmp_path, image_file, cap
 
 @pytest.mark.parametrize("argv, message", [
     (["attention", "nano", "missing.png", "--out", "x.png"], "no image file at missing.png"),
-    (["attention", "photo.png", "--out", "x.png"], "no model given"),
+    (["attention", "gone.png", "--out", "x.png"], "no image file at gone.png"),  # with the shipped model
     (["attention", "nano", "photo.png", "--out", "x.txt"], "give a .png"),
     (["attention", "nano", "photo.png", "--out", "nowhere/x.png"], "directory nowhere does not exist"),
 ])

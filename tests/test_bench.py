@@ -105,14 +105,17 @@ def test_bench_cli_auto_precision_times_fp32_only_where_bf16_is_emulated(capsys,
     assert {r["precision"] for r in report["results"]} == {"fp32"}
 
 
-@pytest.mark.parametrize("argv, phrase", [
-    (["--batch-size", "0"], "must be positive"),
-    (["--device", "nonsense"], "unknown device 'nonsense'"),
-])
-def test_bench_rejects_bad_settings_in_one_line(capsys, argv, phrase):
-    assert main(["bench", *argv]) == 2
+def test_bench_rejects_bad_settings_in_one_line(capsys):
+    assert main(["bench", "--device", "nonsense"]) == 2
     err = capsys.readouterr().err
-    assert phrase in err and err.count("\n") == 1
+    assert "unknown device 'nonsense'" in err and err.count("\n") == 1
+
+
+def test_bench_rejects_a_bad_count_before_any_work(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: the usage, then one line
+        main(["bench", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --batch-size: must be at least 1, got 0")
 
 
 def test_bench_config_rejects_an_unknown_precision():

@@ -33,6 +33,13 @@ def test_format_duration():
     assert [format_duration(s) for s in (45, 600, 5430)] == ["45s", "10m00s", "1h30m"]
 
 
+def test_a_fit_never_oscillates_when_an_epochs_end_costs_more_than_its_steps():
+    # 0.01 s per step, 11 steps per epoch, 1 s per evaluation + save: 8 s leave 7 epochs (77 steps
+    # and 7 s of epoch ends = 7.77 s); a fixed-point iteration flipped between 0 and 800 steps here
+    total = fit_total_steps(8.0 / (1 - 0.02), 0.0, 0, 0.01, 11, 1.0)
+    assert total == 77
+
+
 def test_fitted_run_spends_the_budget_on_steps_and_evaluations():
     budget, elapsed, done, step_s, per_epoch, eval_s = 600.0, 40.0, 25, 0.2, 351, 15.0
     total = fit_total_steps(budget, elapsed, done, step_s, per_epoch, eval_s)
@@ -72,9 +79,9 @@ def test_time_budget_in_config_files_and_flags():
         TrainConfig(schedule="step")
 
 
-def _fake_clock(monkeypatch, seconds_per_call: float):
+def _fake_clock(monkeypatch, seconds_per_call: float) -> dict:
     """time.perf_counter advancing by a fixed amount per call: calibration then sees a known speed,
-    whatever this machine's load."""
+    whatever this machine's load. Returns the clock ({"t": seconds}) so a test can move it."""
     clock = {"t": 0.0}
 
     def tick():
@@ -82,6 +89,7 @@ def _fake_clock(monkeypatch, seconds_per_call: float):
         return clock["t"]
 
     monkeypatch.setattr(importlib.import_module("vitlab.train").time, "perf_counter", tick)
+    return clock
 
 
 def test_budget_run_fits_its_length_to_the_measured_speed_and_resumes_on_that_schedule(
@@ -109,6 +117,29 @@ def test_budget_run_fits_its_length_to_the_measured_speed_and_resumes_on_that_sc
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # linear decay ends at min_lr on the last step
     assert rows[-1]["val_top1"] is not None  # the last, partial epoch was evaluated
+
+
+def test_a_budget_run_counts_each_epochs_checkpoint_and_ends_within_the_budget(tmp_path, monkeypatch):
+    """On a fast machine an epoch's checkpoint can cost as much as its steps (a GPU trains an
+    epoch of the lite model in 2 s): a run that projected only steps and evaluations overran."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "images", per_class=40)
+    clock = _fake_clock(monkeypatch, 0.01)
+    train_module = importlib.import_module("vitlab.train")
+    save = train_module.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        clock["t"] += 1.0  # a checkpoint costs a second of (fake) time
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+    budget = 12.0
+    result = vitlab.train(tiny_config(data, tmp_path / "run", precision="fp32", time_budget=budget, batch_size=8,
+                                      warmup_epochs=0.2, ema_decay=None))
+    assert result.status == "completed" and result.epochs_completed >= 3  # several epochs, several saves
+    # the whole run, started at 0 (it overran by 20% when saves were not counted); the fake clock
+    # also ticks for bookkeeping outside any timed window, worth a fraction of a percent here
+    assert clock["t"] <= budget * 1.01
 
 
 def test_timing_runs_to_the_end_of_warmup_within_a_quarter_of_the_budget():

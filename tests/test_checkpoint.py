@@ -41,8 +41,7 @@ def test_resolve_checkpoint_prefers_best_then_last_and_explains_missing(tmp_path
     assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "last.safetensors"
     saved_classifier(tmp_path / "best.safetensors")
     assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "best.safetensors"
-    with pytest.raises(ValueError, match="no default weights ship"):
-        ckpt.resolve_checkpoint(None)
+    assert ckpt.resolve_checkpoint(None) == ckpt.resolve_checkpoint("default") == ckpt.DEFAULT_WEIGHTS
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "images")
@@ -75,10 +74,20 @@ def test_crash_while_writing_weights_leaves_previous_checkpoint_intact(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
 
 
+def training_state(weights: dict, **changes) -> dict:
+    """A state file's dict with every key resume reads (vitlab.checkpoint.STATE_SCHEMA)."""
+    state = {"format": ckpt.FORMAT, "epoch": 1, "step_in_epoch": 0, "global_step": 3, "best_val_top1": None,
+             "total_steps": 9, "partial_epoch": {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0},
+             "rng": {"torch": torch.get_rng_state(), "ranks": [torch.get_rng_state()]}, "model": weights,
+             "model_digest": ckpt.tensor_digest(weights), "model_config": {}, "ema": None, "metrics": [],
+             "optimizer": {"state": {}, "param_groups": []}}
+    return {**state, **changes}
+
+
 def test_crash_before_rename_keeps_previous_training_state(tmp_path, monkeypatch):
     path = tmp_path / ckpt.STATE_FILE
     weights = {"w": torch.arange(4.0)}
-    state = {"format": ckpt.FORMAT, "epoch": 1, "model": weights, "model_digest": ckpt.tensor_digest(weights)}
+    state = training_state(weights)
     ckpt.save_training_state(path, state)
 
     def killed(*args):
@@ -129,18 +138,24 @@ def test_corrupt_training_state_and_digest_mismatch_are_detected(tmp_path):
     with pytest.raises(ValueError, match="corrupt or truncated and cannot be resumed"):
         ckpt.load_training_state(path)
     weights = {"w": torch.arange(4.0)}
-    ckpt.save_training_state(path, {"format": ckpt.FORMAT, "model": weights, "model_digest": "0" * 64})
+    ckpt.save_training_state(path, training_state(weights, model_digest="0" * 64))
     with pytest.raises(ValueError, match="do not match the digest"):
         ckpt.load_training_state(path)
 
 
-def test_cli_without_checkpoint_says_no_default_weights(capsys, tmp_path):
+def test_cli_with_a_mistyped_checkpoint_says_it_does_not_exist(capsys, tmp_path):
     from vitlab.cli import main
 
-    assert main(["eval", "--data", str(tmp_path)]) == 2
+    assert main(["eval", str(tmp_path / "runs" / "nnao"), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("vitlab eval: error: no checkpoint given and no default weights ship")
+    assert err.startswith(f"vitlab eval: error: checkpoint {tmp_path / 'runs' / 'nnao'} does not exist")
     assert len(err.splitlines()) == 1
+
+
+def test_a_missing_shipped_file_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(ckpt, "DEFAULT_WEIGHTS", tmp_path / "gone.safetensors")
+    with pytest.raises(FileNotFoundError, match="the shipped weights are missing from this install"):
+        ckpt.load_checkpoint()
 
 
 # ---------------------------------------------------------------- class names and metadata

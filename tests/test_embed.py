@@ -40,7 +40,7 @@ def test_embed_cli_writes_npy_and_row_order(run_dir, tmp_path, capsys):
     folder = run_dir.parent / "images" / "train" / "stripes"
     assert main(["embed", str(run_dir), str(folder), "--out", str(tmp_path / "f.npy")]) == 0
     features = np.load(tmp_path / "f.npy")
-    rows = (tmp_path / "f.txt").read_text().split()
+    rows = (tmp_path / "f.npy.rows.txt").read_text().split()
     assert features.shape == (len(list(folder.glob("*.png"))), 32) and len(rows) == features.shape[0]
     assert "features to" in capsys.readouterr().out
     assert main(["embed", str(run_dir), str(folder), "--out", str(tmp_path / "f.csv")]) == 2

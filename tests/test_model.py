@@ -453,11 +453,37 @@ def test_reset_classifier_changes_only_the_head():
     ({"pooling": "max"}, "pooling must be 'cls' or 'mean'"),
     ({"init": "xavier"}, "init must be 'seed' or 'trunc_normal' or 'mimetic'"),
     ({"image_size": 0}, "image size must be a positive int"),
+    # values a crafted checkpoint or config file can hold: each refused before any allocation
+    ({"image_size": "abc"}, "image size must be a positive int or \\(height, width\\), got 'abc'"),
+    ({"image_size": 32.5}, "image size must be a positive int"),
+    ({"dim": "abc"}, "dim must be a positive integer, got 'abc'"),
+    ({"depth": True}, "depth must be a positive integer, got True"),
+    ({"dropout": "x"}, r"dropout must be in \[0, 1\)"),
+    ({"qkv_bias": "yes"}, "qkv_bias must be true or false"),
+    ({"dim": 16384, "heads": 8}, "dim must be at most 8,192, got 16,384"),
+    ({"depth": 1000}, "depth must be at most 128"),
+    ({"mlp_dim": 10**6}, "mlp_dim must be at most 32,768"),
+    ({"dim": 8192, "heads": 8, "depth": 32}, r"parameters, more than vitlab builds \(2,147,483,648\)"),
+    ({"image_size": 4096, "patch_size": 4}, r"makes 1,048,576 patches, more than 4,096"),
 ])
 def test_config_rejects_nonsense_in_one_line(override, phrase):
     with pytest.raises(ValueError, match=phrase) as error:
         VisionTransformer(**tiny_vit_kwargs(**override))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("override", [{}, {"qkv_bias": False, "layer_scale": 0.1}, {"image_size": (16, 24)},
+                                      {"in_channels": 1, "num_classes": 100, "patch_size": 8}])
+def test_parameter_count_is_known_before_building(override):
+    """The bound on untrusted configs counts parameters without allocating them: exactly."""
+    from vitlab.presets import preset_config
+
+    config = ViTConfig(**tiny_vit_kwargs(**override))
+    assert config.parameter_count() == VisionTransformer.from_config(config).num_parameters()
+    for name in ("seed", "lite", "base"):
+        preset = preset_config(name)
+        with torch.device("meta"):
+            assert preset.parameter_count() == VisionTransformer.from_config(preset).num_parameters()
 
 
 def test_config_is_frozen_and_round_trips_through_a_dict():

@@ -1,4 +1,8 @@
+import csv
+import io
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,7 @@ from PIL import Image
 import vitlab
 from vitlab.cli import main
 from vitlab.predict import predict_files
-from tests.conftest import tiny_vit_kwargs
+from tests.conftest import CIFAR10_CLASSES, tiny_vit_kwargs
 from tests.image_fixtures import class_image, train_tiny_run
 
 
@@ -63,8 +67,10 @@ def test_cli_predict_json_table_globs_and_exit_status(run, odd_images, capsys):
     captured = capsys.readouterr()
     assert "ERROR: cannot read image" in captured.out and "circle" in captured.out
     assert "2 of 7 inputs could not be read" in captured.err
-    assert main(["predict", str(odd_images / "a_big_circle.jpg")]) == 2
-    assert "no default weights ship" in capsys.readouterr().err
+    # no checkpoint: the shipped CIFAR-10 model answers
+    assert main(["predict", str(odd_images / "a_big_circle.jpg"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["predictions"][0]["class"] in vitlab.load().class_names == CIFAR10_CLASSES
 
 
 def test_python_api_predict_and_embed_on_pil_and_tensors(run):
@@ -121,3 +127,89 @@ def test_cli_predict_precision_flag(run, odd_images, capsys):
     with pytest.raises(SystemExit):
         main(["predict", str(run), image, "--precision", "fp16"])
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- --csv and the progress bar
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as an interactive shell's is."""
+
+    def isatty(self):
+        return True
+
+
+def test_cli_predict_csv_has_one_row_per_image_matching_json(run, odd_images, capsys):
+    shutil.copy(odd_images / "a_big_circle.jpg", odd_images / "h, with comma.jpg")  # quoted, not split
+    assert main(["predict", str(run), str(odd_images), "--csv", "--top-k", "2"]) == 1  # 2 files are broken
+    captured = capsys.readouterr()
+    table = list(csv.reader(io.StringIO(captured.out)))
+    assert table[0] == ["path", "class_1", "probability_1", "class_2", "probability_2", "error"]
+    rows = {Path(row[0]).name: row for row in table[1:]}
+    assert len(rows) == 8 and all(len(row) == 6 for row in rows.values())
+    assert rows["a_big_circle.jpg"][1] == "circle" and rows["h, with comma.jpg"][1] == "circle"
+    assert rows["f_corrupt.jpg"][1:5] == ["", "", "", ""] and "cannot read image" in rows["f_corrupt.jpg"][5]
+    assert "2 of 8 inputs could not be read" in captured.err
+
+    assert main(["predict", str(run), str(odd_images), "--json", "--top-k", "2"]) == 1
+    for line in capsys.readouterr().out.splitlines():
+        entry = json.loads(line)
+        row = rows[Path(entry["path"]).name]
+        if "error" in entry:
+            assert row[5] == entry["error"]
+            continue
+        assert row[1::2][:2] == [p["class"] for p in entry["predictions"]]
+        assert [float(x) for x in row[2:5:2]] == pytest.approx([p["probability"] for p in entry["predictions"]],
+                                                               abs=1e-6)
+        assert float(row[2]) >= float(row[4]) and row[5] == ""
+
+
+def test_cli_predict_csv_and_json_exclude_each_other(run, odd_images, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", str(run), str(odd_images), "--csv", "--json"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_progress_bar_goes_to_a_terminals_stderr_and_never_to_stdout(run, odd_images, capsys, monkeypatch):
+    stderr = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    # 7 inputs in batches of 1: more than a few batches, so the bar is drawn
+    assert main(["predict", str(run), str(odd_images), "--csv", "--batch-size", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "predict" in stderr.getvalue() and "img" in stderr.getvalue()
+    assert len(list(csv.reader(io.StringIO(out)))) == 8 and "predict:" not in out  # header + 7 rows, clean
+
+    # a few batches, or a stderr that is a file or pipe: no bar
+    stderr.truncate(0)
+    assert main(["predict", str(run), str(odd_images), "--csv", "--batch-size", "64"]) == 1
+    assert "img" not in stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert main(["predict", str(run), str(odd_images), "--batch-size", "1"]) == 1
+    assert "img" not in sys.stderr.getvalue()
+
+
+def test_eval_and_embed_draw_the_bar_only_when_asked(run, odd_images, monkeypatch, tmp_path, capsys):
+    from vitlab.evaluate import evaluate
+
+    classifier = vitlab.load(run, precision="fp32")
+    batches = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1])) for _ in range(5)]
+    stderr = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    evaluate(classifier.model, batches, 3)  # training's per-epoch validation: never a bar
+    assert stderr.getvalue() == ""
+    result = evaluate(classifier.model, batches, 3, progress=True)
+    # the bar's first frame names the task and the batch count (later frames depend on timing)
+    assert "eval:" in stderr.getvalue() and "0/5" in stderr.getvalue() and result.n == 10
+
+    stderr.truncate(0)
+    assert main(["embed", str(run), str(odd_images), "--out", str(tmp_path / "f.npy"), "--batch-size", "1"]) == 1
+    assert "embed" in stderr.getvalue() and "img" in stderr.getvalue()
+    assert "img" not in capsys.readouterr().out
+
+
+def test_a_mistyped_checkpoint_is_an_error_not_the_shipped_model(tmp_path, capsys):
+    image = tmp_path / "ship.png"
+    Image.new("RGB", (32, 32), (10, 20, 200)).save(image)
+    assert main(["predict", str(tmp_path / "runs" / "nanoo"), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'runs' / 'nanoo'} does not exist" in err
+    assert main(["predict", str(image)]) == 0  # no checkpoint at all: the shipped model answers
+    assert "ship.png" in capsys.readouterr().out

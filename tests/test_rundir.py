@@ -67,3 +67,31 @@ def test_environment_record(tmp_path):
     saved = json.loads((tmp_path / rundir.ENVIRONMENT_FILE).read_text())
     assert saved["torch"] == torch.__version__ and saved["world_size"] == 1 and saved["device"] == "cpu"
     assert saved["processor"] and saved["bf16_autocast"] is False and "vitlab" in saved
+
+
+def test_a_torn_or_foreign_metrics_line_is_skipped(tmp_path):
+    rundir.append_metrics(tmp_path, {"epoch": 1, "train_loss": 0.5})
+    with open(tmp_path / rundir.METRICS_FILE, "a") as f:
+        f.write('[1, 2]\n{"epoch": true}\n{"epoch": 2, "train_lo')  # not rows; then a killed append
+    assert rundir.read_metrics(tmp_path) == [{"epoch": 1, "train_loss": 0.5}]
+
+
+def test_open_run_dir_takes_a_crashed_run_but_not_someone_elses_folder(tmp_path):
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    rundir.write_config(crashed, {"epochs": 3, "resolved": {}})  # died before its first checkpoint
+    (crashed / f".{ckpt.STATE_FILE}.k2j3.tmp").write_bytes(b"half")
+    rundir.open_run_dir(crashed, new=True).close()
+    assert [p.name for p in crashed.iterdir()] == [rundir.CONFIG_FILE]  # the stale temporary file is gone
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / rundir.CONFIG_FILE).write_text('{"epochs": 3}')  # another tool's config: no "resolved"
+    with pytest.raises(rundir.NotARunDirectory, match="is not a vitlab run directory"):
+        rundir.open_run_dir(other, new=True)
+    with pytest.raises(rundir.NotARunDirectory, match="is a file"):
+        rundir.open_run_dir(other / rundir.CONFIG_FILE, new=True)
+    lock = rundir.open_run_dir(crashed, new=True)
+    with pytest.raises(rundir.RunLocked, match="in use by another vitlab train"):
+        rundir.open_run_dir(crashed, new=False)
+    lock.close()
+    rundir.open_run_dir(crashed, new=False).close()  # released with the first

@@ -239,6 +239,13 @@ def test_config_precedence_preset_then_file_then_flags(tmp_path):
     ("ema_decay", 1.0, r"ema_decay must be in \(0, 1\)"),
     ("layer_decay", 0.0, r"layer_decay must be in \(0, 1\]"),
     ("precision", "fp16", "precision must be"),
+    ("lr", 1e30, "lr must be at most 1"),  # finite garbage weights after one AdamW step
+    ("min_lr", math.nan, "min_lr must be a finite number"),
+    ("weight_decay", 1000.0, r"weight_decay times lr \(0.001\) must be below 1"),
+    ("seed", -1, "seed must be a whole number >= 0"),
+    ("model_overrides", [["dim", 64]], "model_overrides must be a mapping"),
+    ("augment", None, "augment must be text"),
+    ("compile", "yes", "compile must be true or false"),
 ])
 def test_hyperparameters_are_checked_with_one_line_errors_naming_the_field(field, value, phrase):
     with pytest.raises(ValueError, match=phrase) as error:

@@ -63,11 +63,21 @@ def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: 
     already. Never fewer steps than already done plus one.
     """
     remaining = budget_s * (1.0 - RESERVE_FRACTION) - elapsed_s
-    total = steps_done + max(0.0, remaining) / step_s
-    for _ in range(20):  # more steps -> more epochs -> more evaluations: a short fixed point
-        evaluations = math.ceil(total / steps_per_epoch) - evaluations_done
-        total = steps_done + max(0.0, remaining - evaluations * eval_s_per_epoch) / step_s
-    return max(steps_done + 1, math.floor(total))
+
+    def cost(total: int) -> float:  # seconds from now until a run of `total` steps has ended
+        evaluations = max(0, math.ceil(total / steps_per_epoch) - evaluations_done)
+        return (total - steps_done) * step_s + evaluations * eval_s_per_epoch
+
+    # cost() only grows with `total`, so the longest run that fits is found by bisection (a fixed
+    # point of steps -> epochs -> evaluations can oscillate when an epoch's end costs more than
+    # its steps, as a checkpoint of a small model on a fast GPU does)
+    low, high = steps_done + 1, steps_done + 1 + max(0, math.floor(remaining / step_s))
+    if cost(low) > remaining:
+        return low
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= remaining else (low, middle - 1)
+    return low
 
 
 def ema_decay_for(total_steps: int, configured: float) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from .files import atomic_write, atomic_write_bytes
 
 FORMAT = "vitlab-checkpoint-1"
 WEIGHT_FILES = ("best.safetensors", "last.safetensors")
+# the weights of a model folder (`vitlab export --format folder`), read when no run checkpoint is there
+MODEL_FILE = "model.safetensors"
 STATE_FILE = "last.state.pt"
+# The model that ships with vitlab (docs/model-card.md): what every command and vitlab.load() use
+# when no checkpoint is given, and what `--init default` names.
+DEFAULT = "default"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "vit-lite-cifar10.safetensors"
 
 
 # ---------------------------------------------------------------- weights (safetensors)
@@ -92,20 +99,21 @@ def save_model(
 
 
 def resolve_checkpoint(path: str | Path | None) -> Path:
-    """A run directory (its best checkpoint, else its last) or a .safetensors file -> the file."""
-    if path is None:
-        raise ValueError(
-            "no checkpoint given and no default weights ship with vitlab yet; pass a run "
-            "directory (e.g. runs/nano) or a .safetensors file"
-        )
+    """A run directory (its best checkpoint, else its last), a model folder (its model.safetensors)
+    or a .safetensors file -> the file; None or "default" -> the shipped model's weights."""
+    if path is None or str(path) == DEFAULT:
+        if not DEFAULT_WEIGHTS.is_file():
+            raise FileNotFoundError(f"the shipped weights are missing from this install ({DEFAULT_WEIGHTS}); "
+                                    f"reinstall vitlab, or pass a run directory or .safetensors file")
+        return DEFAULT_WEIGHTS
     path = Path(path)
     if path.is_dir():
-        for name in WEIGHT_FILES:
+        for name in (*WEIGHT_FILES, MODEL_FILE):
             if (path / name).is_file():
                 return path / name
         raise FileNotFoundError(
-            f"{path} holds no checkpoint ({' or '.join(WEIGHT_FILES)}); is it a vitlab train --out "
-            f"directory whose first epoch finished?"
+            f"{path} holds no checkpoint ({', '.join(WEIGHT_FILES)} or {MODEL_FILE}); is it a vitlab train "
+            f"--out directory whose first epoch finished, or a vitlab export --format folder directory?"
         )
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run directory or a "
@@ -139,12 +147,65 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"save it with vitlab.checkpoint.save_model, or start from timm/seed weights with "
             f"vitlab.weights (vitlab train --init)"
         )
-    return {k: (json.loads(v) if k != "format" else v) for k, v in raw.items()}
+    meta = {k: (_json_value(path, k, v) if k != "format" else v) for k, v in raw.items()}
+    _check_metadata(path, meta)
+    return meta
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str = "auto"):
-    """Rebuilds the Classifier saved in `path` (a run directory or .safetensors file) on `device`
-    ("cpu", "cuda", "auto": CUDA when there is one). `precision` ("auto", "bf16", "fp32") is the
+def _json_value(path: Path, key: str, text: str):
+    try:
+        return json.loads(text)
+    except RecursionError:  # "[[[[..." a million deep: the C parser recurses once per bracket
+        raise ValueError(f"{path}: metadata {key!r} is nested too deeply to be vitlab's; the file is "
+                         f"damaged or was not written by vitlab") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({error}); the file is damaged or "
+                         f"was not written by vitlab") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_metadata(path: Path, meta: dict) -> None:
+    """Every field a loader reads has the type and range it needs, so a crafted header is refused
+    with the key it got wrong instead of failing (or predicting NaN) later."""
+    from .model import ViTConfig
+
+    def refuse(key: str, problem: str):
+        raise ValueError(f"{path}: metadata {key!r} {problem}; the file is damaged or was not written by vitlab")
+
+    config = meta.get("model_config")
+    if not isinstance(config, dict):
+        refuse("model_config", f"must be a JSON object, got {type(config).__name__}")
+    try:
+        vit = ViTConfig.from_dict(config)
+    except (TypeError, ValueError) as error:
+        refuse("model_config", f"is invalid: {error}")
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        refuse("class_names", "must be a list of strings")
+    if len(names) != vit.num_classes:
+        refuse("class_names", f"names {len(names)} classes but the model has {vit.num_classes}")
+    pre = meta.get("preprocessing")
+    if not isinstance(pre, dict):
+        refuse("preprocessing", "is missing or not a JSON object")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not isinstance(values, list) or len(values) != vit.in_channels or not all(map(_is_number, values)):
+            refuse("preprocessing", f"needs {key!r}: {vit.in_channels} finite number(s), one per channel")
+    if not all(s > 0 for s in pre["std"]):  # dividing by a zero std turns every prediction into NaN
+        refuse("preprocessing", f"has std {pre['std']}; every channel's std must be positive")
+    data = meta.get("data")
+    if data is not None and not (isinstance(data, dict)
+                                 and (data.get("val_size") is None or _is_number(data["val_size"]))
+                                 and isinstance(data.get("split_seed", 0), int)):
+        refuse("data", "must be an object with a numeric val_size and an integer split_seed")
+
+
+def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu", precision: str = "auto"):
+    """Rebuilds the Classifier saved in `path` (a run directory or .safetensors file; None: the
+    shipped CIFAR-10 model) on `device` ("cpu", "cuda", "auto": CUDA when there is one). `precision` ("auto", "bf16", "fp32") is the
     number format its predict/probabilities/embed run in; see Classifier.precision."""
     from safetensors.torch import load_file
 
@@ -163,6 +224,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     with torch.device("meta"):
         model = VisionTransformer.from_config(config)
     check_weights_match(model, tensors, path)
+    # weights stored in half precision (the shipped file) compute in fp32 like any other; the
+    # Classifier makes its own bf16 copy where that is faster
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     pre = meta["preprocessing"]
     classifier = Classifier(model, class_names=meta["class_names"], mean=pre["mean"], std=pre["std"],
@@ -207,6 +271,49 @@ def save_training_state(path: str | Path, state: dict) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_tensors(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in value.items())
+
+
+# what resume reads from a state file, and the check each value must pass
+STATE_SCHEMA = {
+    "epoch": ("a count", _is_count),
+    "step_in_epoch": ("a count", _is_count),
+    "global_step": ("a count", _is_count),
+    "best_val_top1": ("a number or null", lambda v: v is None or _is_number(v)),
+    "total_steps": ("a count or null", lambda v: v is None or _is_count(v)),
+    "partial_epoch": ("the epoch's running sums", lambda v: isinstance(v, dict) and all(
+        _is_number(v.get(k)) for k in ("loss", "correct", "seen", "seconds"))),
+    "rng": ("RNG states", lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
+            and (v.get("ranks") is None or (isinstance(v["ranks"], list)
+                                             and all(isinstance(t, torch.Tensor) for t in v["ranks"])))),
+    "model": ("a dict of tensors", _is_tensors),
+    "model_digest": ("a sha256 hex digest", lambda v: isinstance(v, str)),
+    "model_config": ("a model config object", lambda v: isinstance(v, dict)),
+    "optimizer": ("an optimizer state", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)),
+    "ema": ("an EMA state or null", lambda v: v is None or isinstance(v, dict)),
+    "metrics": ("a list of metric rows", lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(r, dict) and _is_count(r.get("epoch")) for r in v))),
+}
+OPTIONAL_STATE_KEYS = ("total_steps", "ema", "metrics")  # read with .get: absent from older files
+
+
+def _check_state(path: Path, state: dict) -> None:
+    for key, (what, ok) in STATE_SCHEMA.items():
+        if key not in state and key in OPTIONAL_STATE_KEYS:
+            continue
+        if key not in state or not ok(state[key]):
+            problem = "is missing" if key not in state else f"is not {what}"
+            raise ValueError(f"{path}: key {key!r} {problem}; the state file is damaged or was not written "
+                             f"by vitlab; start the run over with --overwrite")
+
+
 def load_training_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -220,6 +327,7 @@ def load_training_state(path: str | Path) -> dict:
                          f"({first_line})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a vitlab training state file")
+    _check_state(path, state)
     if tensor_digest(state["model"]) != state["model_digest"]:
         raise ValueError(f"{path} is corrupt: its model weights do not match the digest saved with them")
     return state

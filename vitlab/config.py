@@ -49,6 +49,8 @@ def parse_count_or_fraction(text: str) -> int | float:
         value = float(text)
     except ValueError:
         raise ValueError(f"expected a count of images or a fraction below 1, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a count of images (>= 0) or a fraction below 1, got {text!r}")
     if value >= 1 or value == 0:
         if value != int(value):
             raise ValueError(f"expected a whole count of images or a fraction below 1, got {text!r}")
@@ -113,8 +115,8 @@ class TrainConfig:
         metavar="N")
     # fine-tuning: start from trained weights (vitlab checkpoint, or a timm / seed state_dict)
     init: str | None = option(
-        None, "start from these weights: a vitlab run directory or checkpoint (its architecture is "
-              "used), or a timm / seed state_dict (.safetensors, .pt, .pth)",
+        None, "start from these weights: 'default' (the shipped CIFAR-10 model), a vitlab run directory "
+              "or checkpoint (its architecture is used), or a timm / seed state_dict (.safetensors, .pt, .pth)",
         metavar="WEIGHTS", group="fine-tuning")
     init_partial: bool = option(False, "skip and list weights that do not fit instead of failing",
                                 group="fine-tuning")
@@ -124,6 +126,20 @@ class TrainConfig:
                                 group="fine-tuning")
 
     def __post_init__(self) -> None:
+        # the types a config file could get wrong, before any arithmetic on them
+        for name in ("model_overrides", "augment_overrides"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{name} must be a mapping of setting names to values, got {value!r}")
+        for name in ("model", "data", "out", "augment", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
+        for name in ("init", "resume"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a path, got {getattr(self, name)!r}")
+        for name in ("compile", "overwrite", "init_partial"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         # 0 is how flags and files say "off" for these two
         self.clip_grad = self.clip_grad or None
         self.ema_decay = self.ema_decay or None
@@ -142,8 +158,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
         for name, ok, rule in [
             ("lr", self.lr > 0, "must be positive"),
+            # AdamW moves every weight by about lr per step, and weights start near 0.02: far above
+            # 1 the first step leaves garbage that is still finite, so no loss check would notice
+            ("lr", self.lr <= 1, "must be at most 1"),
             ("min_lr", 0 <= self.min_lr <= self.lr, f"must be in [0, lr={self.lr}]"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
@@ -152,6 +175,9 @@ class TrainConfig:
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1,
              "must be in (0, 1), or 0 for off"),
             ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]"),
+            # AdamW multiplies every weight by 1 - lr * weight_decay each step: at 1 or more it
+            # zeroes or flips them
+            ("weight_decay", self.lr * self.weight_decay < 1, f"times lr ({self.lr:g}) must be below 1"),
             ("val_size", self.val_size is None or self.val_size >= 0, "must be >= 0"),
         ]:
             if not ok:
@@ -295,5 +321,7 @@ def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
     given = {k: v for k, v in overrides.items() if v is not None and k not in ("resume", "out")}
     merged = {**stored, **given}
     for key in ("model_overrides", "augment_overrides"):
+        if not isinstance(stored.get(key, {}), dict):
+            raise ValueError(f"{Path(run_dir) / 'config.json'}: {key} must be a mapping, got {stored[key]!r}")
         merged[key] = {**stored.get(key, {}), **given.get(key, {})}
     return TrainConfig.from_dict({**merged, "resume": str(run_dir), "out": str(run_dir)})

@@ -12,6 +12,9 @@ N patches, T = N + 1 tokens, D model width, M MLP width, K classes, h heads, d =
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -23,12 +26,23 @@ from torch.utils.checkpoint import checkpoint
 from .init import INITS, init_weights
 
 
+def _is_int(value) -> bool:
+    """A whole number: int, a numpy integer, or an integer tensor (shapes traced by torch.jit/export)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """32 -> (32, 32); (32, 48) or [32, 48] -> (32, 48). Sizes must be positive."""
-    pair = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(pair) != 2 or min(pair) < 1:
+    """32 -> (32, 32); (32, 48) or [32, 48] -> (32, 48). Sizes must be positive whole numbers."""
+    pair = (size, size) if _is_int(size) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(_is_int(s) and s >= 1 for s in pair):
         raise ValueError(f"image size must be a positive int or (height, width), got {size!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
@@ -38,6 +52,20 @@ def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
         raise ValueError(f"image size {h}x{w} is not divisible by patch size {patch_size}: "
                          f"choose a patch size that divides both sides")
     return h // patch_size, w // patch_size
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Upper bounds on a config, so that one read from an untrusted file (a checkpoint's metadata, a run's
+# config.json) cannot ask for more memory than a machine has before any weight is checked. Far
+# above any ViT trained (ViT-22B: dim 6144, depth 48, MLP 24576; ViT-g: ~1e9 parameters).
+LIMITS = {"dim": 8192, "depth": 128, "heads": 256, "mlp_dim": 32768}
+MAX_PARAMETERS = 2**31  # 8 GiB of fp32 weights
+# The patch grid bounds the (T, T) attention weights the explicit attention path forms: at 4,096
+# patches one head of one image takes 64 MiB in fp32 (a 256x256 image at patch 4, 1024x1024 at 16).
+MAX_PATCHES = 4096
 
 
 @dataclass(frozen=True)
@@ -63,22 +91,49 @@ class ViTConfig:
     dynamic_image_size: bool = False  # resample the position embedding for other input sizes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image_size, int):
-            object.__setattr__(self, "image_size", to_2tuple(self.image_size))
+        object.__setattr__(self, "image_size", self.image_size if _is_int(self.image_size) and self.image_size > 0
+                           else to_2tuple(self.image_size))
         v = self.__dict__
         counts = ("patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim")
-        problems = [f"{k} must be a positive integer, got {v[k]!r}" for k in counts
-                    if not isinstance(v[k], int) or v[k] < 1]
+        problems = [f"{k} must be a positive integer, got {v[k]!r}" for k in counts if not (_is_int(v[k]) and v[k] >= 1)]
+        problems += [f"{k} must be at most {LIMITS[k]:,}, got {v[k]:,}" for k in LIMITS
+                     if not problems and v[k] > LIMITS[k]]
         problems += [f"{k} must be in [0, 1), got {v[k]!r}" for k in ("dropout", "attention_dropout", "drop_path")
-                     if v[k] is not None and not 0.0 <= v[k] < 1.0]
+                     if v[k] is not None and not (_is_real(v[k]) and 0.0 <= v[k] < 1.0)]
         problems += [f"{k} must be positive, got {v[k]!r}" for k in ("layer_scale", "norm_eps")
-                     if v[k] is not None and not v[k] > 0]
+                     if v[k] is not None and not (_is_real(v[k]) and v[k] > 0)]
+        problems += [f"{k} must be true or false, got {v[k]!r}" for k in ("qkv_bias", "dynamic_image_size")
+                     if not isinstance(v[k], bool)]
         problems += [f"{k} must be {' or '.join(map(repr, allowed))}, got {v[k]!r}"
                      for k, allowed in (("pooling", ("cls", "mean")), ("init", INITS)) if v[k] not in allowed]
         if not problems and self.dim % self.heads:
             problems.append(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if not problems:
+            h, w = to_2tuple(self.image_size)
+            patches = (h // self.patch_size) * (w // self.patch_size)
+            if patches > MAX_PATCHES:
+                problems.append(f"image size {h}x{w} with patch size {self.patch_size} makes {patches:,} patches, "
+                                f"more than {MAX_PATCHES:,}: use a larger patch size or a smaller image size")
+            elif self.parameter_count() > MAX_PARAMETERS:
+                problems.append(f"this config has {self.parameter_count():,} parameters, more than vitlab "
+                                f"builds ({MAX_PARAMETERS:,}); lower dim, depth, mlp_dim or num_classes")
         if problems:
             raise ValueError(problems[0])
+
+    def parameter_count(self) -> int:
+        """The number of parameters VisionTransformer.from_config(self) has, without building it."""
+        h, w = to_2tuple(self.image_size)
+        d, m, k = self.dim, self.mlp_dim, self.num_classes
+        block = (4 * d  # norm1, norm2
+                 + 3 * d * d + (3 * d if self.qkv_bias else 0)  # qkv
+                 + d * d + d  # proj
+                 + d * m + m + m * d + d  # fc1, fc2
+                 + (2 * d if self.layer_scale is not None else 0))
+        tokens = (h // self.patch_size) * (w // self.patch_size) + 1
+        return (self.in_channels * self.patch_size**2 * d + d  # patch projection
+                + d + tokens * d  # [CLS] token, position embedding
+                + self.depth * block
+                + 2 * d + d * k + k)  # head norm, head
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

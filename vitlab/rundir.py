@@ -8,7 +8,13 @@ training into a directory that already holds a run.
     best.safetensors, last.safetensors, last.state.pt    (vitlab.checkpoint)
 
 Every file is written atomically except metrics.jsonl, which is appended a line at a time (and
-rewritten atomically when a resumed run drops the rows of epochs it redoes).
+rewritten atomically when a resumed run drops the rows of epochs it redoes). The state file keeps
+every row too, so a resumed run rebuilds metrics.jsonl from it: a kill between the state write and
+the append, or a torn last line, loses nothing.
+
+One run directory has one writer: `open_run_dir` takes an exclusive lock on the directory for the
+whole run, refuses a folder that holds something other than a vitlab run, and removes the
+temporary files a killed writer left behind.
 """
 
 from __future__ import annotations
@@ -16,6 +22,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per run directory is then up to the user
+    fcntl = None
 
 from .checkpoint import STATE_FILE, WEIGHT_FILES
 from .files import atomic_write_text
@@ -59,6 +70,105 @@ def check_out_dir(run_dir: str | Path, *, overwrite: bool = False) -> Path:
                     f"with --overwrite, or choose another --out")
 
 
+class NotARunDirectory(ValueError):
+    """--out names a file, or a folder that holds something other than a vitlab run."""
+
+
+class RunLocked(ValueError):
+    """Another process is writing to this run directory."""
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file vitlab.files.atomic_write makes for a run file (.NAME.XXXX.tmp)."""
+    return name.endswith(".tmp") and any(name.startswith(f".{run_file}.") for run_file in RUN_FILES)
+
+
+def _is_vitlab_config(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(values, dict) and "resolved" in values  # what vitlab.train writes beside the fields
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What in `run_dir` vitlab did not write: anything but the run files and their temporary files
+    (and config.json must be vitlab's own, not another tool's)."""
+    return sorted(p.name for p in run_dir.iterdir()
+                  if not (_is_temporary(p.name) or (p.name in RUN_FILES and p.is_file() and (
+                      p.name != CONFIG_FILE or _is_vitlab_config(p)))))
+
+
+def check_not_foreign(run_dir: Path) -> None:
+    """A new run goes into a missing or empty folder, or one that holds only a vitlab run's files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotARunDirectory(f"--out {run_dir} is a file, not a directory; choose another --out")
+    foreign = foreign_entries(run_dir) if run_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise NotARunDirectory(f"{run_dir} is not empty and is not a vitlab run directory (it holds {shown}); "
+                               f"choose another --out, or pass --overwrite to train into it anyway (vitlab then "
+                               f"replaces only its own files there: {', '.join(RUN_FILES)})")
+
+
+class RunDirectory:
+    """The run directory of one `vitlab train`, held for the whole run (`open_run_dir`)."""
+
+    def __init__(self, path: Path, fd: int | None, created: bool):
+        self.path, self._fd, self._created = path, fd, created
+
+    def close(self, failed: bool = False) -> None:
+        """Releases the lock; after a run that failed before writing anything, removes the
+        directory again if this run created it."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+        if failed and self._created:
+            try:
+                self.path.rmdir()  # only if still empty
+            except OSError:
+                pass
+
+
+def open_run_dir(run_dir: str | Path, *, new: bool, overwrite: bool = False) -> RunDirectory:
+    """Opens `run_dir` for writing by this process alone: creates it for a new run, takes an
+    exclusive lock on it (RunLocked if another `vitlab train` holds it), refuses a folder that is
+    not a vitlab run (NotARunDirectory, unless `overwrite`) or already holds one (RunExists), and
+    removes temporary files a killed writer left. The lock is an flock on the directory itself:
+    the kernel drops it when the process ends however it ends, so no stale lock survives a kill."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotARunDirectory(f"--out {run_dir} is a file, not a directory; choose another --out")
+    created = new and not run_dir.exists()
+    if new:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    elif not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run directory; pass the --out directory of an earlier "
+                                f"vitlab train")
+    fd = None
+    if fcntl is not None:
+        fd = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunLocked(f"{run_dir} is in use by another vitlab train (one writer per run directory); "
+                            f"wait for it to finish, or choose another --out") from None
+    opened = RunDirectory(run_dir, fd, created)
+    try:
+        if new:
+            check_out_dir(run_dir, overwrite=overwrite)  # a run (its state file) first: RunExists
+            if not overwrite:
+                check_not_foreign(run_dir)
+        for path in run_dir.iterdir():
+            if _is_temporary(path.name):
+                path.unlink(missing_ok=True)  # a writer killed between its write and its rename
+    except BaseException:
+        opened.close(failed=True)
+        raise
+    return opened
+
+
 def clear(run_dir: str | Path) -> None:
     """Removes the files a run writes (only those: anything else in the directory stays)."""
     for name in RUN_FILES:
@@ -83,6 +193,8 @@ def read_config(run_dir: str | Path) -> dict:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a training config") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} does not hold a training config")
     return values
@@ -102,8 +214,19 @@ def read_metrics(run_dir: str | Path, up_to_epoch: int | None = None) -> list[di
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in map(_metrics_row, path.read_text(errors="replace").splitlines()) if row is not None]
     return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
+
+
+def _metrics_row(line: str) -> dict | None:
+    """A line's row, or None for a line that is not one: the torn last line of a killed append (the
+    state file keeps every row, and a resumed run rebuilds the file from it)."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool)
+    return row if ok else None
 
 
 def append_metrics(run_dir: str | Path, row: dict) -> None:

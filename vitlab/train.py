@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -85,15 +86,27 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
         if overrides:
             config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     started = time.perf_counter()  # a --time-budget counts from here: data loading included
-    if not config.resume:
+    # Rank 0 alone writes the run directory, so it alone holds it (locked until the run ends);
+    # the other processes of a torchrun only check it.
+    opened = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        opened = rundir.open_run_dir(config.resume or config.out, new=not config.resume,
+                                     overwrite=config.overwrite)
+    elif not config.resume:
         rundir.check_out_dir(config.out, overwrite=config.overwrite)
-    runtime = setup_runtime(config.device, config.precision)
+    failed = True
     try:
-        result = _run(config, runtime, started)
-        barrier(runtime)  # rank 0 is still writing files; leaving before it does can tear down gloo
-        return result
+        runtime = setup_runtime(config.device, config.precision)
+        try:
+            result = _run(config, runtime, started)
+            barrier(runtime)  # rank 0 is still writing files; leaving before it does can tear down gloo
+            failed = False
+            return result
+        finally:
+            shutdown(runtime)
     finally:
-        shutdown(runtime)
+        if opened is not None:
+            opened.close(failed=failed)
 
 
 # ---------------------------------------------------------------- pieces of the recipe
@@ -164,6 +177,7 @@ class Job:
     calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
     calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
     save_s: float = 0.0  # seconds the last end-of-epoch checkpoint took (a budget counts it per epoch)
+    metrics: list[dict] = field(default_factory=list)  # the finished epochs' rows (rank 0), kept in the state
 
     def lr(self, step: int) -> float:
         # before a budget run knows its length, the schedule is warmup, then the peak
@@ -227,12 +241,21 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
 
     # the architecture: the model preset, or the --init checkpoint's own, plus overrides
     # (a resumed run never rereads --init: its state file holds the weights it has trained since)
+    saved_config = None
+    if state is not None:
+        try:
+            saved_config = ViTConfig.from_dict(state["model_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"cannot resume {run_dir}: the model_config in {ckpt.STATE_FILE} is invalid "
+                             f"({error}); start the run over with --overwrite") from None
     init = InitialWeights(config.init) if config.init and state is None else None
     wanted = preset_config(config.model, **config.model_overrides)
     if init is not None:
         wanted = init.model_config(wanted, config.model_overrides)
     elif config.init and state is not None:
-        wanted = ViTConfig.from_dict(state["model_config"])
+        wanted = saved_config
+    # every setting is checked before the data is decoded (minutes for a large dataset)
+    augment = augment_preset(config.augment, **config.augment_overrides)
 
     # data: the model's input size and channels decide how images are converted; rank 0 decodes
     # and fills the cache first, the other processes then read it
@@ -243,6 +266,12 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
     if runtime.is_main:
         barrier(runtime)
     train_set = data.train
+    if train_set is None:
+        raise ValueError(f"{config.data} has no training images, only {' and '.join(data.splits())} split(s): "
+                         f"train on class folders or a train/ split (this data can be evaluated with vitlab eval)")
+    if data.num_classes < 2:
+        raise ValueError(f"{config.data} has a single class ({', '.join(data.class_names)}): a classifier needs "
+                         f"at least two; put each class's images in a folder of its own")
     if config.subset is not None:
         train_set = train_set.subset(balanced_subset_indices(train_set.labels, config.subset))
     log(f"data: {data.source}: {len(train_set)} train, {len(data.val) if data.val else 0} val images, "
@@ -255,7 +284,7 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
             log(note)
     if config.freeze == "backbone":
         log(f"froze the backbone: {freeze_backbone(model):,} trainable parameters (the head)")
-    if state is not None and ViTConfig.from_dict(state["model_config"]) != model.config:
+    if state is not None and saved_config != model.config:
         raise ValueError(f"cannot resume {run_dir}: its model config differs from this run's "
                          f"({config.model} with {config.model_overrides}); resume with the original settings")
     model.to(runtime.device)
@@ -263,15 +292,19 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
                                   betas=(0.9, 0.999), fused=runtime.device.type == "cuda")
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"cannot resume {run_dir}: {ckpt.STATE_FILE} does not fit this run's model and "
+                             f"optimizer ({first}); start the run over with --overwrite") from None
 
     if config.batch_size % runtime.world_size:
         raise ValueError(f"batch_size {config.batch_size} must divide evenly among "
                          f"{runtime.world_size} processes")
-    augment = augment_preset(config.augment, **config.augment_overrides)
     per_process_batch = config.batch_size // runtime.world_size
     train_loader = BatchLoader(train_set, per_process_batch, mean=data.mean, std=data.std, train=True,
                                augment=augment, device=runtime.device, seed=config.seed,
@@ -310,13 +343,18 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
     progress = Progress.from_state(state) if state is not None else Progress(total_steps=job.total_steps)
     resume_rng = _saved_rng(state, runtime) if state is not None and progress.step_in_epoch else None
 
-    metrics: list[dict] = []
+    metrics = job.metrics
     if runtime.is_main:
         if config.overwrite:
             rundir.clear(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run drops the rows of epochs it redoes; a fresh one starts the file empty
-        metrics = rundir.read_metrics(run_dir, up_to_epoch=progress.epoch) if state is not None else []
+        # A resumed run rebuilds metrics.jsonl from the rows its state file keeps (older state files
+        # keep none: then from the file, a torn last line skipped), dropping the epochs it redoes;
+        # a fresh run starts the file empty.
+        if state is not None:
+            kept = state.get("metrics")
+            kept = kept if kept is not None else rundir.read_metrics(run_dir)
+            metrics += [row for row in kept if row["epoch"] <= progress.epoch]
         rundir.rewrite_metrics(run_dir, metrics)
         _write_config(job)
         rundir.write_environment(run_dir, describe_environment(runtime))
@@ -324,7 +362,11 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
             where = f"epoch {progress.epoch + 1}" + (f", step {progress.step_in_epoch}"
                                                      if progress.step_in_epoch else "")
             log(f"resuming {run_dir} at {where} (global step {progress.global_step})")
-        log(f"model: {config.model}, {job.model.num_parameters():,} parameters; "
+        # --init with a vitlab checkpoint brings its own architecture: show the shape that runs
+        arch = job.model.config
+        name = f"--init {config.init}" if config.init else config.model
+        log(f"model: {name} (dim {arch.dim}, depth {arch.depth}, {arch.heads} heads), "
+            f"{job.model.num_parameters():,} parameters; "
             f"{'bf16 autocast' if runtime.bf16 else 'fp32'} on {runtime.device}"
             f"{f' x {runtime.world_size} processes' if runtime.distributed else ''}; run dir {run_dir}")
 
@@ -407,10 +449,8 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                                                     torch.tensor(float(stop.requested), device=loss.device)]),
                                        runtime)
                 if not torch.isfinite(flags[0]):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {progress.epoch + 1}, step {step}; stopped and "
-                        f"kept the last good checkpoint in {job.run_dir}. Lower --lr, keep --clip-grad on, "
-                        f"or try --precision fp32")
+                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {progress.epoch + 1}, step {step}; "
+                                           f"{_what_was_kept(job)}. {DIVERGED_ADVICE}")
             if config.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
             job.optimizer.step()
@@ -469,7 +509,7 @@ def calibrate(job: Job, progress: Progress) -> None:
         job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget)
     if progress.global_step < job.calibration_end:
         return
-    eval_s = _evaluation_seconds(job)
+    eval_s = _evaluation_seconds(job) + job.save_s  # each epoch ends with an evaluation and a save
     step_s, eval_s = (max(values) for values in zip(*all_gather_object((step_s, eval_s), runtime)))
     total = fit_total_steps(config.time_budget, now - job.started, progress.global_step, step_s,
                             job.steps_per_epoch, eval_s)
@@ -486,13 +526,17 @@ def calibrate(job: Job, progress: Progress) -> None:
 
 
 def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
-    """Under a time budget, at the end of each epoch: this epoch's own pace (every step's share of
-    batching, EMA updates and logging, which warmup's timing may not show) and its evaluation's
-    real cost fix the run's length again, so the run still ends with the budget."""
+    """Under a time budget, at the end of each epoch (evaluated, not yet saved): this epoch's own
+    pace (every step's share of batching, EMA updates and logging, which warmup's timing may not
+    show), its evaluation's real cost and the last checkpoint's fix the run's length again, so the
+    run still ends with the budget. On a fast machine an epoch's checkpoint can cost as much as
+    its steps, so each epoch end counts one evaluation and one save, this epoch's save included."""
     step_s = progress.partial["seconds"] / max(progress.step_in_epoch, 1)
-    step_s, eval_s = (max(values) for values in zip(*all_gather_object((step_s, eval_s), job.runtime)))
-    total = fit_total_steps(job.config.time_budget, time.perf_counter() - job.started, progress.global_step,
-                            step_s, job.steps_per_epoch, eval_s, evaluations_done=progress.epoch + 1)
+    end_s = eval_s + job.save_s
+    step_s, end_s = (max(values) for values in zip(*all_gather_object((step_s, end_s), job.runtime)))
+    elapsed = time.perf_counter() - job.started + job.save_s  # this epoch's save is still to come
+    total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step,
+                            step_s, job.steps_per_epoch, end_s, evaluations_done=progress.epoch + 1)
     if total != job.total_steps:
         job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
                 f"(was {job.total_steps:,})")
@@ -547,17 +591,43 @@ def finish_epoch(job: Job, progress: Progress) -> dict:
             scores.update(validate(job, job.ema.copy_of(job.model), prefix="ema_"))
     if job.calibration_start is not None and job.total_steps is not None and not job.done(progress):
         # a budget run that timed itself (not one resumed after that: it keeps the saved length)
-        # each epoch also ends with a checkpoint: the last one's cost stands in for the rest
-        refit_budget(job, progress, time.perf_counter() - evaluation_start + job.save_s)
+        refit_budget(job, progress, time.perf_counter() - evaluation_start)
     row.update(scores)
     row.update(epoch_seconds=round(partial["seconds"], 2),
                train_img_per_s=round(float(sums[2]) / max(partial["seconds"], 1e-9), 1))
+    # Nothing non-finite is saved as success: an epoch whose losses (training, validation, EMA)
+    # are not finite stops the run before its checkpoint, as a NaN loss mid-epoch does.
+    bad = [f"{key} {value}" for key, value in row.items() if key.endswith("loss") and not math.isfinite(value)]
+    if bad:
+        raise TrainingDiverged(f"{', '.join(bad)} at the end of epoch {row['epoch']}; {_what_was_kept(job)}. "
+                               f"{DIVERGED_ADVICE}")
     progress.next_epoch()
     save_start = time.perf_counter()
-    save_checkpoint(job, progress, scores)
+    save_checkpoint(job, progress, scores, row)
     job.save_s = time.perf_counter() - save_start
-    row["best_val_top1"] = progress.best_val_top1
     return row
+
+
+DIVERGED_ADVICE = "Lower --lr, keep --clip-grad on, or try --precision fp32"
+
+
+def _what_was_kept(job: Job) -> str:
+    """What a diverged run leaves behind, said truthfully: the checkpoint of the last finished epoch
+    (or Ctrl-C), or nothing when none was saved yet."""
+    if (job.run_dir / ckpt.STATE_FILE).is_file():
+        return f"stopped, keeping the last good checkpoint in {job.run_dir} (nothing since was saved)"
+    return f"stopped; no checkpoint had been saved yet in {job.run_dir}, so nothing was"
+
+
+def check_finite_weights(job: Job) -> None:
+    """Raises TrainingDiverged when a weight of the model or its EMA is NaN or infinite (a finite
+    loss can still give an infinite gradient), so such weights are never written."""
+    for name, tensors in (("model", job.model.state_dict()), ("EMA", job.ema.tensors if job.ema else {})):
+        floats = [(key, t) for key, t in tensors.items() if t.is_floating_point()]
+        if floats and not bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+            first = next(key for key, t in floats if not bool(torch.isfinite(t).all()))
+            raise TrainingDiverged(f"the {name}'s weights are no longer finite ({first}); {_what_was_kept(job)}. "
+                                   f"{DIVERGED_ADVICE}")
 
 
 def validate(job: Job, model: nn.Module, prefix: str) -> dict:
@@ -567,11 +637,13 @@ def validate(job: Job, model: nn.Module, prefix: str) -> dict:
             f"{prefix}val_top5": result.top5}
 
 
-def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None) -> None:
+def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None, row: dict | None = None) -> None:
     """At an epoch's end (scores given, progress at the next epoch's step 0): best.safetensors when
     the epoch improved on it, then last.safetensors, with the EMA's weights where they scored
-    higher. Always: last.state.pt, everything resume needs, with every process's RNG state.
-    Every process calls it; only rank 0 writes."""
+    higher. Always: last.state.pt, everything resume needs, with every process's RNG state and
+    the metrics rows so far (`row`, the finished epoch's, gets its best_val_top1 here).
+    Every process calls it; only rank 0 writes. Non-finite weights raise TrainingDiverged first."""
+    check_finite_weights(job)
     rng_states = all_gather_object(torch.get_rng_state(), job.runtime)
     end_of_epoch = scores is not None
     use_ema = bool(scores and job.ema is not None and scores.get("ema_val_top1") is not None
@@ -581,6 +653,8 @@ def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None) ->
     improved = end_of_epoch and (best is None or score is None or score > best)
     if improved and score is not None:
         progress.best_val_top1 = score
+    if row is not None:
+        row["best_val_top1"] = progress.best_val_top1
     if not job.runtime.is_main:
         return
     weights = ckpt.weights_state_dict(job.model)
@@ -605,6 +679,8 @@ def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None) ->
         "model": weights, "model_digest": ckpt.tensor_digest(weights),
         "model_config": job.model.config.to_dict(), "optimizer": job.optimizer.state_dict(),
         "ema": job.ema.state_dict() if job.ema is not None else None,
+        # the rows of metrics.jsonl up to here: a resumed run rebuilds the file from them
+        "metrics": job.metrics + ([row] if row is not None else []),
     })
 
 

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
         description="Draws one figure: the image, the attention rollout over it, and the [CLS] "
                     "attention of every head in every layer, titled with the predicted class.")
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
-                   help="a run directory, a .safetensors checkpoint, or a preset name (random weights)")
+                   help="a run directory, a .safetensors checkpoint, or a preset name (random weights); "
+                        "default: the shipped CIFAR-10 model")
     p.add_argument("image", metavar="IMAGE", help="an image file (any size; resized as in training)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the figure (.png, .pdf, .svg)")
     add_preset_option(p)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .arguments import positive_int
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -10,15 +12,15 @@ def register(subparsers) -> None:
                     "timm's VisionTransformer and the tutorial's model with the same weights, taking "
                     "turns round by round in one process; prints a table, then one JSON line.")
     p.add_argument("--preset", default="seed", help="model preset (see `vitlab models`; default seed)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step (default 64)")
     p.add_argument("--precision", choices=["fp32", "bf16", "both", "auto"], default="auto",
                    help="auto (default): both where the device has native bf16, else fp32; "
                         "bf16 and both also run where bf16 is emulated (slowly)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per model per round (default 2)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds; the best counts (default 3)")
+    p.add_argument("--steps", type=positive_int, default=2, help="timed steps per model per round (default 2)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd vitlab and timm")
     p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda")
-    p.add_argument("--matmul-size", type=int, default=2048,
+    p.add_argument("--matmul-size", type=positive_int, default=2048,
                    help="side of the square matmul that measures the peak (default 2048)")
     p.set_defaults(func=run)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .arguments import non_negative_int, positive_int
 from .errors import CLIError
 
 
@@ -13,11 +14,11 @@ def register(subparsers) -> None:
     inspect.add_argument("--grid", metavar="FILE.png", help="write a grid of sample images (one row per class)")
     inspect.add_argument("--augment", metavar="PRESET", help="show the grid's samples augmented by this "
                          "preset (none, light, strong)")
-    inspect.add_argument("--per-class", type=int, default=8, help="grid columns: samples per class (default 8)")
+    inspect.add_argument("--per-class", type=positive_int, default=8, help="grid columns: samples per class (default 8)")
     inspect.add_argument("--val-size", type=float, default=None,
                          help="validation images held out of train (a count, or a fraction < 1)")
-    inspect.add_argument("--split-seed", type=int, default=0)
-    inspect.add_argument("--image-size", type=int, default=None, help="resize every image to this size")
+    inspect.add_argument("--split-seed", type=non_negative_int, default=0)
+    inspect.add_argument("--image-size", type=positive_int, default=None, help="resize every image to this size")
     inspect.add_argument("--channels", type=int, choices=(1, 3), default=None)
     inspect.add_argument("--cache-dir", default=None, help="decoded-data cache (default $VITLAB_CACHE or ~/.cache/vitlab)")
     inspect.set_defaults(func=run_inspect)
@@ -54,7 +55,7 @@ def run_inspect(args) -> int:
         print(f"skipped   {len(splits.skipped)} unreadable: {', '.join(splits.skipped[:5])}"
               + (", ..." if len(splits.skipped) > 5 else ""))
     for warning in caught:
-        if "archive member" in str(warning.message):
+        if "archive member" in str(warning.message) or "larger than" in str(warning.message):
             print(f"warning   {warning.message}")
     print()
 

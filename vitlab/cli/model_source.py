@@ -1,6 +1,6 @@
 """Model options shared by the commands: the model argument of `vitlab attention`, `summary` and
-`export` (a checkpoint, run directory or .safetensors file, or a preset name, which builds that
-preset with random weights), and the --precision of `predict`, `eval` and `embed`."""
+`export` (a checkpoint, run directory or .safetensors file, a preset name, which builds that
+preset with random weights, or nothing: the shipped model), and the --precision of `predict`, `eval` and `embed`."""
 
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ def load_model_source(source: str | None, preset: str | None = None):
     if preset is not None:
         return Classifier(create_model(preset)).eval(), f"preset {preset} (random weights)"
     if source is None:
-        raise CLIError("no model given: pass a CHECKPOINT (a run directory or .safetensors file) "
-                       f"or a preset name ({', '.join(PRESETS)}) for random weights")
+        return load_checkpoint(None), "the shipped CIFAR-10 model (docs/model-card.md)"
     if not Path(source).exists():
         raise CLIError(f"{source} is neither a checkpoint (no such file or directory) nor a model preset "
                        f"({', '.join(PRESETS)})")

@@ -12,6 +12,8 @@ import dataclasses
 import types
 import typing
 
+from .arguments import positive_int
+
 # flags that are sugar for one model_overrides entry: flag dest -> ViTConfig field
 MODEL_SHORTCUTS = {"image_size": "image_size", "channels": "in_channels"}
 
@@ -58,10 +60,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             options["type"] = _argparse_type(parse) if parse else kind
         target.add_argument(flag, **options)
     tune = groups["fine-tuning"]
-    tune.add_argument("--image-size", type=int, metavar="N",
+    tune.add_argument("--image-size", type=positive_int, metavar="N",
                       help="train at N x N: images are resized and the position embedding interpolated")
-    tune.add_argument("--channels", type=int, metavar="C",
-                      help="input channels (1 for grayscale); --init weights are adapted")
+    tune.add_argument("--channels", type=int, choices=(1, 3), metavar="C",
+                      help="input channels: 1 (grayscale) or 3; --init weights are adapted")
 
 
 def register(subparsers) -> None:
@@ -97,6 +99,8 @@ def config_flags(args: argparse.Namespace) -> dict:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..config import resolve_config, resume_config
     from ..rundir import RunExists
     from ..train import AbortTraining, TrainingDiverged, train
@@ -120,6 +124,11 @@ def run(args) -> int:
     except TrainingDiverged as error:
         raise ValueError(str(error)) from None
     except AbortTraining:
-        print("vitlab train: aborted; the last saved checkpoint is kept", flush=True)
+        from ..checkpoint import STATE_FILE
+
+        run_dir = Path(config.resume or config.out)
+        kept = (f"the last saved checkpoint in {run_dir} is kept" if (run_dir / STATE_FILE).is_file()
+                else "no checkpoint had been saved yet")
+        print(f"vitlab train: aborted; {kept}", flush=True)
         return 130
     return 130 if result.status == "interrupted" else 0

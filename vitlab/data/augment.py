@@ -8,11 +8,12 @@ normalisation, random erasing (per-sample boxes, batched), then Mixup or CutMix 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
 
 
 @dataclass
@@ -34,6 +35,14 @@ class AugmentConfig:
     mix_prob: float = 1.0  # probability that a batch is mixed at all
 
     def __post_init__(self):
+        # the types first: a value from --augment-arg or a config file may be any YAML scalar
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, kind) and not isinstance(value, bool) if kind is not float else
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            if not ok:
+                raise ValueError(f"augmentation setting {f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown augmentation policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
         if self.flip_mode not in ("random", "alternate"):
@@ -42,6 +51,10 @@ class AugmentConfig:
             raise ValueError(f"padding_mode must be 'reflect' or 'zeros', got {self.padding_mode!r}")
         if self.crop_padding < 0 or self.policy_chunk < 1:
             raise ValueError("crop_padding must be >= 0 and policy_chunk >= 1")
+        # torchvision's RandAugment has 31 magnitude bins; a larger index fails at the first batch
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ValueError(f"randaugment_ops must be >= 0 and randaugment_magnitude in [0, 30], got "
+                             f"{self.randaugment_ops} and {self.randaugment_magnitude}")
         for name in ("random_erasing", "mix_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
@@ -69,6 +82,10 @@ AUGMENT_PRESETS: dict[str, AugmentConfig] = {
 def augment_preset(name: str, **overrides) -> AugmentConfig:
     if name not in AUGMENT_PRESETS:
         raise ValueError(f"unknown augmentation preset {name!r}; choose one of: {', '.join(AUGMENT_PRESETS)}")
+    known = [f.name for f in fields(AugmentConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown augmentation setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return replace(AUGMENT_PRESETS[name], **overrides)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .folder import SourceFiles
+from .limits import MAX_CIFAR_BATCH_BYTES
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -100,9 +101,18 @@ def _read_batch(files: dict[str, bytes], base: str, label_key: str):
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{name}: 'data' must be a uint8 array of shape (N, 3072)")
-    labels = np.asarray(labels, dtype=np.int64)
+    if isinstance(labels, np.ndarray) and labels.dtype.kind not in "iu":
+        labels = None  # floats, strings, bytes: not class indices
+    try:
+        labels = np.asarray(labels, dtype=np.int64)  # 2**70 overflows, "x" or None fail: all refused
+    except (OverflowError, TypeError, ValueError):
+        labels = None
+    if labels is None or labels.ndim != 1:
+        raise ValueError(f"{name}: {label_key!r} must be a list of whole-number class indices")
     if labels.shape != (data.shape[0],):
         raise ValueError(f"{name}: {data.shape[0]} images but {labels.size} {label_key}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name}: {label_key!r} holds {int(labels.min())}; class indices start at 0")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -112,20 +122,29 @@ def decode_cifar(read: SourceFiles, source: Path) -> dict:
     if kind is None:
         raise ValueError(f"{source} is not an official CIFAR-10/100 python archive")
     spec = CIFAR[kind]
+    oversized = [n for n in read.too_large if posixpath.basename(n) in CIFAR_BATCH_NAMES]
+    if oversized:
+        raise ValueError(f"{source}: {oversized[0]} is larger than any {kind} batch can be "
+                         f"({MAX_CIFAR_BATCH_BYTES // 2**20} MB); the archive is damaged or not the official one")
     missing = [b for b in spec["train"] + spec["test"] + [spec["meta"]]
                if not any(posixpath.basename(n) == b for n in read.files)]
     if missing:
         raise ValueError(f"{source} lacks {', '.join(missing)} of the {kind} python archive")
     meta_name = next(n for n in read.files if posixpath.basename(n) == spec["meta"])
     meta = _plain_keys(restricted_load(read.files[meta_name], meta_name), meta_name)
-    class_names = [_text(n) for n in meta.get(spec["names_key"], [])]
+    names = meta.get(spec["names_key"], [])
+    if not isinstance(names, list) or not all(isinstance(n, (str, bytes)) for n in names):
+        raise ValueError(f"{meta_name}: {spec['names_key']!r} must be a list of class names")
+    class_names = [_text(n) for n in names]
     splits = {}
     for split in ("train", "test"):
         parts = [_read_batch(read.files, b, spec["label_key"]) for b in spec[split]]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         splits[split] = (images, labels)
-    top = max(int(s[1].max()) for s in splits.values())
+    top = max((int(s[1].max()) for s in splits.values() if s[1].size), default=-1)
+    if not len(splits["train"][1]):
+        raise ValueError(f"{source}: the {kind} training batches hold no images")
     if len(class_names) <= top:
         raise ValueError(f"{meta_name} names {len(class_names)} classes but labels go up to {top}")
     return {"splits": splits, "class_names": class_names, "skipped": [], "kind": kind,
@@ -148,7 +167,11 @@ def fetch_cifar(kind: str, root: Path) -> Path:
         partial.unlink(missing_ok=True)
         raise FileNotFoundError(f"{kind} is not in the cache and could not be downloaded ({error}); fetch "
                                 f"{spec['url']} and put it at {target}") from None
-    digest = hashlib.md5(partial.read_bytes()).hexdigest()
+    md5 = hashlib.md5()
+    with open(partial, "rb") as f:  # in blocks, as every file vitlab hashes
+        while block := f.read(1 << 22):
+            md5.update(block)
+    digest = md5.hexdigest()
     if digest != spec["md5"]:
         partial.unlink()
         raise ValueError(f"downloaded {spec['filename']} has md5 {digest}, expected {spec['md5']}; "

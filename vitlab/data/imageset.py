@@ -43,29 +43,35 @@ class ImageSet:
 
 @dataclass
 class DataSplits:
-    train: ImageSet
+    train: ImageSet | None  # None for a source that holds only a test/ (or val/) split
     val: ImageSet | None  # held out of train (deterministic, stratified) or None if val_size=0
     test: ImageSet | None  # the source's official test split, when it has one
-    mean: tuple[float, ...]  # per-channel mean of the train split, pixel/255
+    mean: tuple[float, ...]  # per-channel mean of the train split (else of the first split), pixel/255
     std: tuple[float, ...]
     source: str  # what was loaded, for logs
     skipped: list[str] = field(default_factory=list)  # unreadable files that were left out
+    # "classes": bare class folders; "splits": train/val/test folders, or a dataset with official splits
+    layout: str = "splits"
+
+    @property
+    def _first(self) -> ImageSet:
+        return next(iter(self.splits().values()))
 
     @property
     def class_names(self) -> list[str]:
-        return self.train.class_names
+        return self._first.class_names
 
     @property
     def num_classes(self) -> int:
-        return len(self.train.class_names)
+        return len(self.class_names)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.train.image_size
+        return self._first.image_size
 
     @property
     def in_channels(self) -> int:
-        return self.train.images.shape[1]
+        return self._first.images.shape[1]
 
     def splits(self) -> dict[str, ImageSet]:
         """The splits that exist, by name, in the order train, val, test."""

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import FORMAT, read_metadata, read_safetensors_metadata, resolve_checkpoint
+from ..checkpoint import (DEFAULT, FORMAT, check_weights_match, read_metadata, read_safetensors_metadata,
+                          resolve_checkpoint)
 from ..model import ViTConfig, VisionTransformer, resample_position_embedding, to_2tuple
 
 StateDict = dict[str, torch.Tensor]
@@ -312,7 +313,7 @@ class InitialWeights:
     """
 
     def __init__(self, path: str | Path):
-        path = Path(path)
+        path = resolve_checkpoint(None) if str(path) == DEFAULT else Path(path)  # "default": the shipped model
         self.path = path
         self.config: ViTConfig | None = None  # the checkpoint's architecture (vitlab weights only)
         self.source_grid: tuple[int, int] | None = None
@@ -322,6 +323,11 @@ class InitialWeights:
             h, w = to_2tuple(self.config.image_size)
             self.source_grid = (h // self.config.patch_size, w // self.config.patch_size)
             self.tensors: StateDict = read_state_dict(file)
+            # The metadata sizes nothing until the file's own tensors agree with it: a model built on
+            # the meta device (no memory) is checked against them before any run builds a real one.
+            with torch.device("meta"):
+                described = VisionTransformer.from_config(self.config)
+            check_weights_match(described, self.tensors, file)
         else:
             self.tensors = read_state_dict(path)
             detect_format(self.tensors)  # fail now, before any data is decoded
