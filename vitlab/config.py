@@ -120,6 +120,8 @@ class TrainConfig:
         metavar="WEIGHTS", group="fine-tuning")
     init_partial: bool = option(False, "skip and list weights that do not fit instead of failing",
                                 group="fine-tuning")
+    log: str | None = option(None, "also write TensorBoard event files into DIR/tensorboard: --log tensorboard "
+                                   "(needs the tensorboard package)", choices=("tensorboard",))
     freeze: str | None = option(None, "train only the classifier head", choices=("backbone",),
                                 group="fine-tuning")
     layer_decay: float = option(1.0, "layer-wise lr decay: block i trains at lr * decay ** (depth - i)",
@@ -186,6 +188,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.log not in (None, "tensorboard"):
+            raise ValueError(f"log must be 'tensorboard' or None, got {self.log!r}")
         if self.freeze not in (None, "backbone"):
             raise ValueError(f"freeze must be 'backbone' or None, got {self.freeze!r}")
         if self.resume and self.overwrite:

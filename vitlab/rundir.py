@@ -34,8 +34,12 @@ from .files import atomic_write_text
 CONFIG_FILE = "config.json"
 ENVIRONMENT_FILE = "environment.json"
 METRICS_FILE = "metrics.jsonl"
+METRICS_CSV_FILE = "metrics.csv"  # the same rows for spreadsheets, rewritten whole after each epoch
 CURVES_FILE = "curves.png"
-RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, CURVES_FILE, *WEIGHT_FILES, STATE_FILE)
+CONFUSION_FILE = "confusion-val.png"  # the saved weights' validation confusion matrix, at the end of a run
+TENSORBOARD_DIR = "tensorboard"  # event files of --log tensorboard
+RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, METRICS_CSV_FILE, CURVES_FILE, CONFUSION_FILE,
+             *WEIGHT_FILES, STATE_FILE)
 
 
 class RunExists(ValueError):
@@ -95,8 +99,9 @@ def foreign_entries(run_dir: Path) -> list[str]:
     """What in `run_dir` vitlab did not write: anything but the run files and their temporary files
     (and config.json must be vitlab's own, not another tool's)."""
     return sorted(p.name for p in run_dir.iterdir()
-                  if not (_is_temporary(p.name) or (p.name in RUN_FILES and p.is_file() and (
-                      p.name != CONFIG_FILE or _is_vitlab_config(p)))))
+                  if not (_is_temporary(p.name) or (p.name == TENSORBOARD_DIR and p.is_dir())
+                          or (p.name in RUN_FILES and p.is_file() and (
+                              p.name != CONFIG_FILE or _is_vitlab_config(p)))))
 
 
 def check_not_foreign(run_dir: Path) -> None:
@@ -173,6 +178,9 @@ def clear(run_dir: str | Path) -> None:
     """Removes the files a run writes (only those: anything else in the directory stays)."""
     for name in RUN_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
+    import shutil
+
+    shutil.rmtree(Path(run_dir) / TENSORBOARD_DIR, ignore_errors=True)  # old events would mix with new ones
 
 
 def _saved_epochs(run_dir: Path) -> int | None:
@@ -238,6 +246,20 @@ def append_metrics(run_dir: str | Path, row: dict) -> None:
 
 def rewrite_metrics(run_dir: str | Path, rows: list[dict]) -> None:
     atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_metrics_csv(run_dir: str | Path, rows: list[dict]) -> Path:
+    """metrics.csv: one row per epoch, a column per metric (in the order they first appear; a
+    metric an epoch lacks is an empty cell), written atomically."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return atomic_write_text(Path(run_dir) / METRICS_CSV_FILE, buffer.getvalue())
 
 
 def write_curves(run_dir: str | Path, rows: list[dict]) -> Path:

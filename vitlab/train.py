@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from .config import TrainConfig, resume_config, train_preset
 from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
 from .data.loader import derive_seed
 from .evaluate import evaluate
+from .tensorboard_log import TensorBoardLog, require_tensorboard
 from .model import ViTConfig, VisionTransformer
 from .optim import WeightEMA, freeze_backbone, learning_rate, param_groups, set_learning_rate
 from .presets import preset_config
@@ -178,6 +180,8 @@ class Job:
     calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
     save_s: float = 0.0  # seconds the last end-of-epoch checkpoint took (a budget counts it per epoch)
     metrics: list[dict] = field(default_factory=list)  # the finished epochs' rows (rank 0), kept in the state
+    tensorboard: Any = None  # vitlab.tensorboard_log.TensorBoardLog with --log tensorboard (rank 0)
+    last_evaluation: dict = field(default_factory=dict)  # "" / "ema_" -> the last epoch's EvalResult
 
     def lr(self, step: int) -> float:
         # before a budget run knows its length, the schedule is warmup, then the peak
@@ -337,6 +341,8 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
 # ---------------------------------------------------------------- the loop
 def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
     """build -> for each epoch: train_one_epoch, evaluate, save -> curves."""
+    if config.log == "tensorboard":
+        require_tensorboard()  # a missing package fails now, not after the data has loaded
     state = ckpt.load_training_state(Path(config.resume) / ckpt.STATE_FILE) if config.resume else None
     job = build(config, runtime, state, started)
     run_dir, log = job.run_dir, job.log
@@ -356,6 +362,9 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
             kept = kept if kept is not None else rundir.read_metrics(run_dir)
             metrics += [row for row in kept if row["epoch"] <= progress.epoch]
         rundir.rewrite_metrics(run_dir, metrics)
+        rundir.write_metrics_csv(run_dir, metrics)
+        if config.log == "tensorboard":
+            job.tensorboard = TensorBoardLog(run_dir, resumed_step=progress.global_step if state else 0)
         _write_config(job)
         rundir.write_environment(run_dir, describe_environment(runtime))
         if state is not None:
@@ -383,6 +392,9 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
             if runtime.is_main:
                 metrics.append(row)
                 rundir.append_metrics(run_dir, row)
+                rundir.write_metrics_csv(run_dir, metrics)
+                if job.tensorboard is not None:
+                    job.tensorboard.epoch(row)
                 log(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
             reason = reason or ("interrupted" if stop.anywhere(runtime) else None)
             if reason and not job.done(progress):
@@ -397,6 +409,10 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
             f"vitlab train --resume {run_dir}")
     if runtime.is_main and metrics:
         rundir.write_curves(run_dir, metrics)
+    if job.tensorboard is not None:
+        if status == "completed" and job.last_evaluation:
+            tensorboard_figures(job, progress)
+        job.tensorboard.close()
     if status == "completed":
         best = progress.best_val_top1
         log(f"done: best val top-1 {best:.4f} in {run_dir}" if best is not None else f"done: {run_dir}")
@@ -470,6 +486,9 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                 elapsed = time.perf_counter() - start_time
                 progress.partial = {"loss": float(sums[0]), "correct": float(sums[1]), "seen": float(sums[2]),
                                     "seconds": elapsed}
+                if job.tensorboard is not None and sync:  # the loss is on the host here anyway
+                    job.tensorboard.step(progress.global_step, float(flags[0]) / runtime.world_size, lr,
+                                         float(sums[2]) * runtime.world_size / max(elapsed, 1e-9))
                 if bar is not None:
                     bar.update(step - bar.n)
                     speed = sums[2] * runtime.world_size / elapsed
@@ -630,9 +649,33 @@ def check_finite_weights(job: Job) -> None:
                                    f"{DIVERGED_ADVICE}")
 
 
+def tensorboard_figures(job: Job, progress: Progress) -> None:
+    """The end of a completed run under --log tensorboard: the last epoch's validation confusion
+    matrix of the weights last.safetensors holds (the EMA's where they scored higher), written as
+    confusion-val.png too, and 16 validation images with their predictions. Reuses the last
+    evaluation, so it costs one forward pass of 16 images."""
+    from .plots import plot_confusion_matrix
+
+    ema = "ema_" in job.last_evaluation and (job.last_evaluation["ema_"].top1 > job.last_evaluation[""].top1)
+    result = job.last_evaluation["ema_" if ema else ""]
+    png = plot_confusion_matrix(result, job.run_dir / rundir.CONFUSION_FILE,
+                                title=f"epoch {progress.epoch}{' (EMA weights)' if ema else ''}: validation top-1 "
+                                      f"{result.top1:.2%} ({result.n} images)")
+    model = job.ema.copy_of(job.model) if ema else job.model
+    model.eval()
+    index = torch.arange(min(16, len(job.data.val)))
+    images, labels = job.val_loader.make_batch(index, batch_seed=0)
+    with torch.no_grad(), torch.autocast(job.runtime.device.type, dtype=torch.bfloat16, enabled=job.runtime.bf16):
+        predicted = model(images).argmax(1).tolist()
+    job.tensorboard.final_images(png, job.data.val.images[index], predicted, labels.tolist(), job.data.class_names,
+                                 progress.epoch)
+
+
 def validate(job: Job, model: nn.Module, prefix: str) -> dict:
     """Loss, top-1 and top-5 of `model` on the validation split, summed over processes."""
-    result = evaluate(model, job.val_loader, job.data.num_classes, bf16=job.runtime.bf16, runtime=job.runtime)
+    result = evaluate(model, job.val_loader, job.data.num_classes, bf16=job.runtime.bf16, runtime=job.runtime,
+                      class_names=job.data.class_names)
+    job.last_evaluation[prefix] = result
     return {f"{prefix}val_loss": result.loss, f"{prefix}val_top1": result.top1,
             f"{prefix}val_top5": result.top5}
 
