@@ -35,7 +35,7 @@ def test_torchrun_two_cpu_processes_train_with_gloo_write_once_and_resume_exactl
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["best.safetensors", "config.json", "curves.png", "environment.json", "last.safetensors",
-         "last.state.pt", "metrics.jsonl"])
+         "last.state.pt", "metrics.csv", "metrics.jsonl"])
     env_info = json.loads((run / "environment.json").read_text())
     assert env_info["world_size"] == 2
     resolved = json.loads((run / "config.json").read_text())["resolved"]
