@@ -100,14 +100,30 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
     bar on stderr while a long evaluation runs.
     """
     from .checkpoint import load_checkpoint
-    from .data import BatchLoader, ImageSet, load_data
+    from .data import BatchLoader
     from .runtime import resolve_device
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     run_device = resolve_device(device)
     classifier = load_checkpoint(checkpoint, device=run_device, precision=precision)
-    trained_on = classifier.metadata.get("data") or {}
+    chosen, split = labelled_images(classifier, data, split, val_size=val_size, split_seed=split_seed)
+    loader = BatchLoader(chosen, batch_size, mean=classifier.mean, std=classifier.std, train=False,
+                         device=run_device)
+    result = evaluate(classifier.inference_network(), loader, len(classifier.class_names),
+                      class_names=classifier.class_names, tta=tta, progress=progress)
+    result.split = split
+    return result
+
+
+def labelled_images(classifier, data: str | Path, split: str = "auto", *, val_size: int | float | None = None,
+                    split_seed: int | None = None):
+    """(ImageSet, split name): the images of `data` that `split` names (see evaluate_checkpoint),
+    labelled with indices into `classifier`'s classes. val_size and split_seed default to the ones
+    the checkpoint recorded, so "val" is the split it held out."""
+    from .data import ImageSet, load_data
+
+    trained_on = (getattr(classifier, "metadata", None) or {}).get("data") or {}
     if val_size is None:
         val_size = trained_on.get("val_size")
     if split_seed is None:
@@ -128,13 +144,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None, data: str | Path, *, spli
     else:
         chosen = available[split]
     labels = _model_labels(chosen.labels, splits.class_names, classifier.class_names, data)
-    chosen = ImageSet(chosen.images, labels, list(classifier.class_names))
-    loader = BatchLoader(chosen, batch_size, mean=classifier.mean, std=classifier.std, train=False,
-                         device=run_device)
-    result = evaluate(classifier.inference_network(), loader, len(classifier.class_names),
-                      class_names=classifier.class_names, tta=tta, progress=progress)
-    result.split = split
-    return result
+    return ImageSet(chosen.images, labels, list(classifier.class_names)), split
 
 
 def _model_labels(labels: torch.Tensor, data_classes: list[str], model_classes: list[str], data) -> torch.Tensor:

@@ -311,25 +311,15 @@ def validation_images(classifier: Classifier, data: str | Path):
     """(ImageSet, split name): the images `vitlab eval CHECKPOINT --data DATA` scores by default, with
     labels as indices into the model's classes. For data with a train/ split that is the held-out
     validation split the checkpoint recorded (val_size, split_seed); for bare class folders, every image."""
-    from .data import ImageSet, load_data
-    from .evaluate import _model_labels
+    from .evaluate import labelled_images
 
-    trained_on = getattr(classifier, "metadata", {}).get("data") or {}
-    splits = load_data(data, val_size=trained_on.get("val_size"), split_seed=trained_on.get("split_seed", 0),
-                       image_size=classifier.image_size, channels=classifier.in_channels)
-    if splits.layout == "splits" and splits.train is not None:
-        if splits.val is None:
-            raise ValueError(f"{data} has no validation split to check int8 accuracy on; pass labelled "
-                             f"class folders instead")
-        chosen, name = splits.val, "val"
-    else:
-        every = list(splits.splits().values())
-        chosen = ImageSet(torch.cat([s.images for s in every]), torch.cat([s.labels for s in every]),
-                          splits.class_names)
-        name = "all"
-    labels = _model_labels(chosen.labels, splits.class_names, classifier.class_names, data)
-    return ImageSet(chosen.images, labels, list(classifier.class_names)), name
-
+    try:
+        return labelled_images(classifier, data, "auto")
+    except ValueError as error:
+        if "has no val split" not in str(error):
+            raise
+        raise ValueError(f"{data} has no validation split to check int8 accuracy on; pass labelled "
+                         f"class folders instead") from None
 
 def onnx_top1(session, images, classifier: Classifier, *, batch_size: int = 250, progress: bool = False,
               desc: str = "onnx") -> float:
