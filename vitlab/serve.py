@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException
 
 from .attention import attention_maps
 from .classifier import Classifier
-from .data.image import convert_mode, decode_opened, resize_to, to_uint8_array
+from .data.image import PREPROCESSING_RULE, convert_mode, decode_opened, resize_to, to_uint8_array
 
 # An image's header is read before its pixels: anything larger is refused before it is decoded.
 # 40 megapixels is more than a phone camera's default photo (12-24 MP) and 120 MB as RGB.
@@ -352,8 +352,7 @@ def model_card(classifier: Classifier) -> dict:
         "preprocessing": {
             "image_size": [h, w], "in_channels": classifier.in_channels,
             "mean": list(classifier.mean), "std": list(classifier.std),
-            "resize": "scale to cover the input size keeping the aspect ratio (bicubic), centre-crop; "
-                      "RGB (transparency composited on black), pixels / 255, then (x - mean) / std",
+            "rule": PREPROCESSING_RULE,  # the one description exports carry too
         },
         # val_top1 and any other top-k figure the checkpoint recorded; {} for untrained weights
         "accuracy": {k: v for k, v in metadata.items() if k.endswith(("top1", "top5"))},
