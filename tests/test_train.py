@@ -12,6 +12,7 @@ from vitlab import checkpoint as ckpt
 from vitlab.cli import main
 from vitlab.config import TrainConfig, resolve_config, resume_config, train_preset
 from vitlab.rundir import RunExists
+from vitlab.runs import read_run
 from vitlab.train import (
     AbortTraining, StopOnInterrupt, TrainingDiverged, balanced_subset_indices, classification_loss,
 )
@@ -79,6 +80,22 @@ def test_run_writes_config_metrics_curves_and_checkpoints_and_learns(straight):
     assert model.class_names == ["circle", "cross", "stripes"]
     assert model.metadata["data"]["val_size"] == 30
     assert ckpt.read_metadata(run / "last.safetensors")["epoch"] == 3
+    # the run's model card: its weights, data, recipe, machine and the figure they were saved with
+    card = (run / "model-card.md").read_text()
+    best = ckpt.read_metadata(run / "best.safetensors")
+    assert card.startswith(f"# {run.name}\n") and "the weights are best.safetensors in this run directory" in card
+    assert f"{best['val_top1']:.2%} (epoch {best['epoch']})" in card
+    assert "3 classes: circle, cross, stripes" in card and "30 images held out" in card
+    assert f"vitlab.load({str(run)!r})" in card and "## Limitations" in card
+    assert f"Machine: {read_run(run).machine}" in card
+
+
+def test_a_stopped_run_gets_its_model_card_only_when_it_completes(straight, tmp_path):
+    data, _ = straight
+    stopped = vitlab.train(tiny_config(data, tmp_path / "run", precision="fp32", max_steps=4))
+    assert stopped.status == "stopped" and not (tmp_path / "run" / "model-card.md").exists()
+    vitlab.train(resume=str(tmp_path / "run"))
+    assert "## Validation" in (tmp_path / "run" / "model-card.md").read_text()
 
 
 @pytest.mark.parametrize("max_steps", [4, 6, 8], ids=["mid-epoch", "at-an-epoch-end", "on-the-last-epoch"])

@@ -25,6 +25,11 @@ def calibration_end(warmup_steps: int, step_s: float, budget_s: float) -> int:
     first = CALIBRATION_START + CALIBRATION_MIN_STEPS
     affordable = int(CALIBRATION_MAX_FRACTION * budget_s / step_s)
     return max(first, min(warmup_steps, affordable))
+# After that, the length is fitted again from the recent pace every REFIT_EVERY steps or every
+# REFIT_FRACTION of the budget, whichever comes first (at a host sync, at least REFIT_MIN_STEPS
+# steps apart), and at every epoch's end from the epoch's pace and its evaluation's and
+# checkpoint's real cost: a machine that slows down overruns by at most about one such window.
+REFIT_EVERY, REFIT_FRACTION, REFIT_MIN_STEPS = 50, 0.02, 5
 RESERVE_FRACTION = 0.02  # of the budget, for the last checkpoint, curves and process exit
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -53,25 +58,38 @@ def format_duration(seconds: float) -> str:
     return (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
 
 
+def low_res_end(total_steps: int, fraction: float) -> int:
+    """The first full-size optimizer step of a run of `total_steps` with --low-res `fraction`."""
+    return round(fraction * total_steps)
+
+
 def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: float,
-                    steps_per_epoch: int, eval_s_per_epoch: float, evaluations_done: int = 0) -> int:
+                    steps_per_epoch: int, eval_s_per_epoch: float, evaluations_done: int = 0,
+                    low_res: tuple[float, float] | None = None) -> int:
     """How many optimizer steps the whole run can take so that it ends within `budget_s`.
 
     elapsed_s: wall time spent so far (data loading, the steps_done steps); step_s: measured
     seconds per optimizer step; eval_s_per_epoch: seconds of the evaluation that ends each epoch
     (the last, partial epoch is evaluated too); evaluations_done of them are inside elapsed_s
-    already. Never fewer steps than already done plus one.
+    already. low_res: (fraction, seconds per half-size step) when the first low_res_end(total,
+    fraction) steps train at half size; step_s is then a full-size step's time. Never fewer
+    steps than already done plus one.
     """
     remaining = budget_s * (1.0 - RESERVE_FRACTION) - elapsed_s
+    fraction, low_step_s = low_res or (0.0, step_s)
+    # a half-size step has a quarter of the tokens: never count it below a sixteenth of a full one
+    # (a noisy measurement must not make cost() shrink or the bracket below collapse)
+    low_step_s = min(step_s, max(low_step_s, step_s / 16))
 
     def cost(total: int) -> float:  # seconds from now until a run of `total` steps has ended
         evaluations = max(0, math.ceil(total / steps_per_epoch) - evaluations_done)
-        return (total - steps_done) * step_s + evaluations * eval_s_per_epoch
+        cheap = max(0, low_res_end(total, fraction) - steps_done)  # grows slower than total: monotone
+        return (total - steps_done) * step_s - cheap * (step_s - low_step_s) + evaluations * eval_s_per_epoch
 
     # cost() only grows with `total`, so the longest run that fits is found by bisection (a fixed
     # point of steps -> epochs -> evaluations can oscillate when an epoch's end costs more than
     # its steps, as a checkpoint of a small model on a fast GPU does)
-    low, high = steps_done + 1, steps_done + 1 + max(0, math.floor(remaining / step_s))
+    low, high = steps_done + 1, steps_done + 1 + max(0, math.floor(remaining / min(step_s, low_step_s)))
     if cost(low) > remaining:
         return low
     while low < high:

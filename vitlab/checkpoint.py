@@ -281,12 +281,17 @@ def _is_tensors(value) -> bool:
 
 
 # what resume reads from a state file, and the check each value must pass
+def _is_optimizer_state(v) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
+
+
 STATE_SCHEMA = {
     "epoch": ("a count", _is_count),
     "step_in_epoch": ("a count", _is_count),
     "global_step": ("a count", _is_count),
     "best_val_top1": ("a number or null", lambda v: v is None or _is_number(v)),
     "total_steps": ("a count or null", lambda v: v is None or _is_count(v)),
+    "low_res_end": ("a count or null", lambda v: v is None or _is_count(v)),
     "partial_epoch": ("the epoch's running sums", lambda v: isinstance(v, dict) and all(
         _is_number(v.get(k)) for k in ("loss", "correct", "seen", "seconds"))),
     "rng": ("RNG states", lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
@@ -295,13 +300,14 @@ STATE_SCHEMA = {
     "model": ("a dict of tensors", _is_tensors),
     "model_digest": ("a sha256 hex digest", lambda v: isinstance(v, str)),
     "model_config": ("a model config object", lambda v: isinstance(v, dict)),
-    "optimizer": ("an optimizer state", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-                  and isinstance(v.get("param_groups"), list)),
+    "optimizer": ("an optimizer state", lambda v: _is_optimizer_state(v) or (  # AdamW, or Muon + AdamW
+        isinstance(v, dict) and set(v) == {"muon", "adamw"} and _is_optimizer_state(v["adamw"])
+        and (v["muon"] is None or _is_optimizer_state(v["muon"])))),
     "ema": ("an EMA state or null", lambda v: v is None or isinstance(v, dict)),
     "metrics": ("a list of metric rows", lambda v: v is None or (isinstance(v, list) and all(
         isinstance(r, dict) and _is_count(r.get("epoch")) for r in v))),
 }
-OPTIONAL_STATE_KEYS = ("total_steps", "ema", "metrics")  # read with .get: absent from older files
+OPTIONAL_STATE_KEYS = ("total_steps", "low_res_end", "ema", "metrics")  # read with .get: absent from older files
 
 
 def _check_state(path: Path, state: dict) -> None:

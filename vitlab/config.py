@@ -19,6 +19,7 @@ from .budget import parse_duration
 DEFAULT_DATA = "../shared/datasets/cifar10-jpeg-train.tar.gz"
 PRECISIONS = ("auto", "bf16", "fp32")  # as vitlab.precision (not imported: `vitlab --help` stays torch-free)
 SCHEDULES = ("cosine", "linear")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def option(default: Any = None, help: str = "", **flag) -> Any:
@@ -90,6 +91,12 @@ class TrainConfig:
     schedule: str = option("cosine", "decay from the peak to --min-lr after warmup: cosine or linear",
                            choices=SCHEDULES)
     weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, tokens)")
+    optimizer: str = option("adamw", "adamw, or muon: torch.optim.Muon (orthogonalised momentum) for the "
+                                     "blocks' weight matrices and AdamW for the rest, both at --lr and "
+                                     "--weight-decay (Muon's update scaled to AdamW's size)", choices=OPTIMIZERS)
+    low_res: float = option(0.0, "fraction of the run's optimizer steps, from the first, that train on "
+                                 "half-size images (2x2 average-pooled; the position embedding resampled): each "
+                                 "costs about a quarter of a full-size step; 0 = off", metavar="FRACTION")
     warmup_epochs: float = option(1.0, "epochs of linear warmup (fractions allowed)")
     label_smoothing: float = option(0.1, "label smoothing, in [0, 1)")
     clip_grad: float | None = option(1.0, "max global gradient norm; 0 turns clipping off")
@@ -151,7 +158,7 @@ class TrainConfig:
                                                    and math.isfinite(self.time_budget) and self.time_budget > 0):
             raise ValueError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")
         for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
-                     "ema_decay", "layer_decay", "val_size"):
+                     "ema_decay", "layer_decay", "val_size", "low_res"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
@@ -177,6 +184,7 @@ class TrainConfig:
             ("ema_decay", self.ema_decay is None or 0 < self.ema_decay < 1,
              "must be in (0, 1), or 0 for off"),
             ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]"),
+            ("low_res", 0 <= self.low_res < 1, "must be in [0, 1): the run has to end at full size"),
             # AdamW multiplies every weight by 1 - lr * weight_decay each step: at 1 or more it
             # zeroes or flips them
             ("weight_decay", self.lr * self.weight_decay < 1, f"times lr ({self.lr:g}) must be below 1"),
@@ -186,6 +194,8 @@ class TrainConfig:
                 raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.log not in (None, "tensorboard"):
@@ -223,9 +233,11 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(model="seed", epochs=100, batch_size=128, lr=5e-4, weight_decay=0.05, warmup_epochs=5,
                  label_smoothing=0.1, clip_grad=1.0, ema_decay=0.9998, augment="strong", out="runs/seed"),
     # Accuracy per CPU-minute, meant with --time-budget (the README's first command): the nano model
-    # with mimetic attention init, a short warmup, linear decay to zero on the budget's last step
-    # and alternating flips. Each ingredient's measured effect: docs/recipe.md.
+    # with mimetic attention init, Muon for the blocks' matrices, the first half of the steps on
+    # half-size images, a short warmup, linear decay to zero on the budget's last step and
+    # alternating flips. Each ingredient's measured effect: docs/recipe.md.
     "budget": dict(model="nano", model_overrides={"init": "mimetic"}, epochs=5, batch_size=128, lr=2e-3,
+                   optimizer="muon", low_res=0.5,
                    min_lr=0.0, schedule="linear", weight_decay=0.05, warmup_epochs=0.2, label_smoothing=0.1,
                    clip_grad=1.0, ema_decay=0.998, augment="light", augment_overrides={"flip_mode": "alternate"},
                    out="runs/budget"),
@@ -246,7 +258,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DESCRIPTIONS = {
-    "budget": "nano tuned for accuracy per CPU-minute; use with --time-budget 10m",
+    "budget": "nano tuned for accuracy per CPU-minute (Muon, half-size start); use with --time-budget 10m",
     "nano": "5 epochs: ~9 min on a 2-core CPU with native bf16",
     "tiny": "a few hours on a laptop CPU, minutes on a GPU",
     "lite": "the shipped model's recipe; on a GPU with --time-budget",

@@ -39,7 +39,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import tempfile
 import warnings
@@ -53,6 +52,7 @@ from .classifier import Classifier
 from .data.image import PREPROCESSING_RULE
 from .files import atomic_write_bytes
 from .model import VisionTransformer
+from .model_card import model_card
 from .version import __version__
 
 FORMATS = ("onnx", "torchscript", "folder", "timm")
@@ -510,51 +510,9 @@ def _replace_directory(built: Path, out: Path) -> None:
         os.replace(built, out)
 
 
-# ---------------------------------------------------------------- the model card
-def _pct(value) -> str:
-    return f"{value:.2%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not recorded"
-
-
-def _command_text(command) -> str | None:
-    if not command:
-        return None
-    args = [str(a) for a in command]
-    if Path(args[0]).name in ("vitlab", "__main__.py") or args[0].endswith("vitlab"):
-        args[0] = "vitlab"
-    return shlex.join(args)
-
-
-def model_card(classifier: Classifier, *, format: str, out: Path, run=None, source: str | None = None,
-               timm_config: dict | None = None) -> str:
-    """README.md of a model folder: what the model is and how it was made, from the checkpoint's
-    metadata and (`run`, a vitlab.runs.RunSummary) its run directory. Every figure is quoted from
-    those records; what they do not hold is said to be not recorded, never guessed."""
-    from .budget import format_duration
-
-    meta = getattr(classifier, "metadata", None) or {}
-    provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
-    config = classifier.model.config
-    height, width = classifier.image_size
-    names = list(classifier.class_names)
-    shown_names = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-    parameters = sum(p.numel() for p in classifier.model.parameters())
-    title = out.name or "model"
-    pooling = "the [CLS] token" if config.pooling == "cls" else "the mean of the patch tokens"
-    rule = PREPROCESSING_RULE
-    lines = [f"# {title}", ""]
-    origin = source or "a model"
-    lines += [f"A Vision Transformer image classifier exported by vitlab {__version__} from {origin} on "
-              f"{datetime.date.today().isoformat()} (`vitlab export --format {format}`). This card is generated "
-              f"from the records that came with the weights; figures it cannot find are marked not recorded.", ""]
-    lines += ["| | |", "| --- | --- |",
-              f"| architecture | ViT: {config.patch_size}x{config.patch_size} patches, dim {config.dim}, {config.depth} "
-              f"pre-norm blocks, {config.heads} heads, MLP {config.mlp_dim}, LayerNorm eps {config.norm_eps:g}, "
-              f"head on {pooling}; {parameters:,} parameters |",
-              f"| input | {height}x{width}, {config.in_channels} channel(s). Colour: {rule['colour']}. Size: {rule['resize']}. "
-              f"Then {rule['normalise']} (mean/std in config.json) |",
-              f"| output | {len(names)} classes: {shown_names} |", ""]
-
-    lines += ["## Use", ""]
+# ---------------------------------------------------------------- the model card's "Use" section
+def usage_lines(format: str, out: Path, timm_config: dict | None = None) -> list[str]:
+    """How to load an exported folder: with timm (format "timm") or with vitlab."""
     if format == "timm":
         eps = timm_config["vitlab"]["norm_eps"]
         local = (f'`timm.create_model("local-dir:{out}", pretrained=True)` loads the same model from config.json, '
@@ -562,92 +520,16 @@ def model_card(classifier: Classifier, *, format: str, out: Path, run=None, sour
                  f'`timm.create_model("local-dir:{out}", pretrained=True)` reads config.json too, but builds '
                  f'LayerNorms with timm\'s eps {TIMM_NORM_EPS:g} instead of this model\'s {eps:g}, which JSON cannot '
                  f'carry: pass the norm_layer below with it.')
-        lines += [f"With timm (vitlab not needed). {local}", "",
-                  "```python", timm_create_code(timm_config, out / MODEL_FILE), "```", "",
-                  "Inputs: float32 (batch, C, H, W), normalised as above; `timm.data.resolve_data_config(model=model)` "
-                  "gives the size, mean and std. Its transform resizes the shorter side and centre-crops, as vitlab "
-                  "does for RGB images; vitlab's own conversion (alpha onto black, 16-bit rescale) is in config.json "
-                  "under vitlab.preprocessing.", ""]
-    else:
-        lines += ["```python", "import vitlab", "", f"classifier = vitlab.load({str(out)!r})",
-                  "classifier.predict([\"photo.jpg\"], top_k=3)  # [[(class, probability), ...]]", "```", "",
-                  f"or `vitlab predict {out} photo.jpg`. config.json states the architecture, class names and "
-                  "preprocessing for other tools.", ""]
-
-    lines += ["## Data", ""]
-    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    source_data = provenance.get("data") or data.get("source") or (run.data if run else None)
-    lines.append(f"- Trained on: {source_data or 'not recorded'}.")
-    if data:
-        val = data.get("val_size")
-        held = (f"{val:,} images" if isinstance(val, int) else f"{val:.0%} of the images" if isinstance(val, float)
-                else "vitlab's default share (5,000 of 50,000 images, else 10%)")
-        lines.append(f"- Validation: {held} held out of the training images (stratified, split_seed "
-                     f"{data.get('split_seed', 0)}) and never trained on; `vitlab eval {out} --data DATA` rebuilds "
-                     f"the same split.")
-    lines.append("")
-
-    lines += ["## Training", ""]
-    commands = provenance.get("commands") if isinstance(provenance.get("commands"), list) else []
-    run_command = _command_text(run.command) if run else None
-    if run_command and not commands:
-        commands = [run_command]
-    if commands:
-        lines += ["```bash", *commands, "```", ""]
-    else:
-        lines += ["- Command: not recorded."]
-    if run is not None:
-        lines.append(f"- Recipe: {run.recipe or 'not recorded'}; model preset {run.model or 'not recorded'}; "
-                     f"length {run.length or 'not recorded'}; {run.epochs_done or 0} epoch(s) finished.")
-        if run.train_seconds is not None:
-            lines.append(f"- Time: {format_duration(run.train_seconds)} of training steps (evaluation excluded).")
-        lines.append(f"- Machine: {run.machine or 'not recorded'}"
-                     + (f" ({run.environment.get('processor')})" if run.environment.get("processor") else "")
-                     + (f"; torch {run.environment.get('torch')}" if run.environment.get("torch") else "") + ".")
-    if provenance:
-        if provenance.get("training_minutes") is not None:
-            lines.append(f"- Time: {provenance['training_minutes']} minutes of training.")
-        labels = {"machine": "Machine", "epochs": "Epochs", "seed": "Seed", "vitlab_commit": "vitlab commit",
-                  "date": "Date", "selection": "Weights chosen"}
-        for key, label in labels.items():
-            if provenance.get(key) is not None:
-                lines.append(f"- {label}: {provenance[key]}.")
-    if run is None and not provenance:
-        lines.append("- Recipe, time and machine: not recorded (the checkpoint came without its run directory).")
-    lines.append("")
-
-    lines += ["## Validation", ""]
-    epoch = f" (epoch {meta['epoch']})" if isinstance(meta.get("epoch"), int) else ""
-    lines.append(f"- Top-1 on the validation split when training saved these weights: {_pct(meta.get('val_top1'))}{epoch}.")
-    recorded = [f"{key} {_pct(value)}" for key, value in provenance.items() if key.startswith("val_top1")]
-    if recorded:
-        lines.append(f"- Recorded with the weights when they were published: {', '.join(recorded)}.")
-    if run is not None and run.metrics:
-        rows = run.metrics
-        shown = rows if len(rows) <= 8 else rows[:2] + [r for r in rows if r["epoch"] == run.best_epoch] + rows[-2:]
-        lines += ["", "Per epoch (metrics.jsonl" + (", first, best and last epochs" if len(rows) > 8 else "") + "):",
-                  "", "| epoch | val top-1 | EMA val top-1 | train loss |", "| --- | --- | --- | --- |"]
-        seen = set()
-        for row in shown:
-            if row["epoch"] in seen:
-                continue
-            seen.add(row["epoch"])
-            loss = row.get("train_loss")
-            loss = f"{loss:.4f}" if isinstance(loss, float) else "-"
-            lines.append(f"| {row['epoch']} | {_pct(row.get('val_top1'))} | {_pct(row.get('ema_val_top1'))} | {loss} |")
-    lines.append("")
-
-    lines += ["## Limitations", "",
-              f"- Every image is converted to {height}x{width} first: small objects and fine detail are lost.",
-              f"- {len(names)} classes only: an image of anything else is still given one of them, often with high "
-              f"confidence; the probabilities are not calibrated for such images.",
-              "- The figures above are validation figures: images held out of the training source, not an independent "
-              "test set, and the best epoch was chosen on them. Expect lower accuracy on other cameras, framings or "
-              f"drawings; measure on your own labelled images with `vitlab eval {out} --data my_images/`.", ""]
-    if run is not None and run.time_budget_s is not None:
-        lines.insert(-1, f"- Trained for a fixed time budget ({format_duration(run.time_budget_s)}) on {run.machine or 'one machine'}: "
-                         f"the same command on other hardware trains a different number of epochs.")
-    return "\n".join(lines)
+        return [f"With timm (vitlab not needed). {local}", "",
+                "```python", timm_create_code(timm_config, out / MODEL_FILE), "```", "",
+                "Inputs: float32 (batch, C, H, W), normalised as above; `timm.data.resolve_data_config(model=model)` "
+                "gives the size, mean and std. Its transform resizes the shorter side and centre-crops, as vitlab "
+                "does for RGB images; vitlab's own conversion (alpha onto black, 16-bit rescale) is in config.json "
+                "under vitlab.preprocessing.", ""]
+    return ["```python", "import vitlab", "", f"classifier = vitlab.load({str(out)!r})",
+            "classifier.predict([\"photo.jpg\"], top_k=3)  # [[(class, probability), ...]]", "```", "",
+            f"or `vitlab predict {out} photo.jpg`. config.json states the architecture, class names and "
+            "preprocessing for other tools.", ""]
 
 
 # ---------------------------------------------------------------- export_model
@@ -733,7 +615,10 @@ def _export_folder(classifier: Classifier, out: Path, format: str, batches, expe
             run = None  # the card says "not recorded" where the run would have spoken
     timm = timm_files(classifier) if format == "timm" else None
     timm_config = timm[0] if timm else None
-    card = model_card(classifier, format=format, out=out, run=run, source=source, timm_config=timm_config)
+    intro = (f"A Vision Transformer image classifier exported by vitlab {__version__} from {source or 'a model'} on "
+             f"{datetime.date.today().isoformat()} (`vitlab export --format {format}`).")
+    card = model_card(classifier, title=out.name or "model", intro=intro, usage=usage_lines(format, out, timm_config),
+                      location=str(out), run=run)
     files, runtime = _folder_files(classifier, format, card, timm)
     built = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else "."))
     try:

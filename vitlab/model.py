@@ -11,6 +11,7 @@ N patches, T = N + 1 tokens, D model width, M MLP width, K classes, h heads, d =
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -382,6 +383,18 @@ class VisionTransformer(nn.Module):
         self.patch_embedding.image_size, self.patch_embedding.grid_size = (h, w), new_grid
         self.patch_embedding.num_patches = new_grid[0] * new_grid[1]
         self.config = dataclasses.replace(self.config, image_size=(h, w) if h != w else h)
+
+    @contextlib.contextmanager
+    def any_image_size(self):
+        """Inside this block the model takes inputs of any size (a multiple of the patch), the
+        position embedding resampled on each call, differentiably: how `vitlab train --low-res`
+        trains on half-size images while the saved model stays fixed at its own size."""
+        saved = self.config
+        self.config = dataclasses.replace(saved, dynamic_image_size=True)
+        try:
+            yield self
+        finally:
+            self.config = saved
 
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         """The patch grid of an image batch, or an error that names the numbers and the fix."""

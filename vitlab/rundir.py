@@ -36,10 +36,11 @@ ENVIRONMENT_FILE = "environment.json"
 METRICS_FILE = "metrics.jsonl"
 METRICS_CSV_FILE = "metrics.csv"  # the same rows for spreadsheets, rewritten whole after each epoch
 CURVES_FILE = "curves.png"
+CARD_FILE = "model-card.md"  # what the run's best weights are and how they were made, at the end of a run
 CONFUSION_FILE = "confusion-val.png"  # the saved weights' validation confusion matrix, at the end of a run
 TENSORBOARD_DIR = "tensorboard"  # event files of --log tensorboard
 RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, METRICS_CSV_FILE, CURVES_FILE, CONFUSION_FILE,
-             *WEIGHT_FILES, STATE_FILE)
+             CARD_FILE, *WEIGHT_FILES, STATE_FILE)
 
 
 class RunExists(ValueError):

@@ -19,6 +19,7 @@ the stop falls on an epoch's last step the epoch is first evaluated and checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,15 +37,15 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import rundir
-from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_START, calibration_end, ema_decay_for, fit_total_steps,
-                     format_duration)
+from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_START, REFIT_EVERY, REFIT_FRACTION, REFIT_MIN_STEPS,
+                     calibration_end, ema_decay_for, fit_total_steps, format_duration, low_res_end)
 from .config import TrainConfig, resume_config, train_preset
 from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
 from .data.loader import derive_seed
 from .evaluate import evaluate
 from .tensorboard_log import TensorBoardLog, require_tensorboard
 from .model import ViTConfig, VisionTransformer
-from .optim import WeightEMA, freeze_backbone, learning_rate, param_groups, set_learning_rate
+from .optim import WeightEMA, freeze_backbone, learning_rate, make_optimizer, set_learning_rate
 from .presets import preset_config
 from .runtime import (
     Runtime, all_gather_object, all_reduce_sum, barrier, describe_environment, setup_runtime, shutdown,
@@ -144,11 +145,12 @@ class Progress:
     # the epoch's running sums so far (loss * images, correct, images, seconds)
     partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
     total_steps: int | None = None  # the run's length; fixed after calibration under a time budget
+    low_res_end: int | None = None  # --low-res: the first full-size step, fixed once it is reached
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
         return cls(state["epoch"], state["step_in_epoch"], state["global_step"], state["best_val_top1"],
-                   dict(state["partial_epoch"]), state.get("total_steps"))
+                   dict(state["partial_epoch"]), state.get("total_steps"), state.get("low_res_end"))
 
     def next_epoch(self) -> None:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -179,6 +181,8 @@ class Job:
     calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
     calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
     save_s: float = 0.0  # seconds the last end-of-epoch checkpoint took (a budget counts it per epoch)
+    low_res_saving_s: float = 0.0  # --low-res under a budget: a full-size step's extra seconds, measured
+    end_s: float = 0.0  # under a budget: the expected seconds of each epoch's evaluation and save
     metrics: list[dict] = field(default_factory=list)  # the finished epochs' rows (rank 0), kept in the state
     tensorboard: Any = None  # vitlab.tensorboard_log.TensorBoardLog with --log tensorboard (rank 0)
     last_evaluation: dict = field(default_factory=dict)  # "" / "ema_" -> the last epoch's EvalResult
@@ -197,6 +201,25 @@ class Job:
 
     def done(self, progress: "Progress") -> bool:
         return self.total_steps is not None and progress.global_step >= self.total_steps
+
+    def half_size_steps(self, progress: "Progress", since: int) -> int:
+        """How many of the steps from global step `since` to now trained at half size: all of them
+        until the first full-size step has run (the boundary is fixed then), whatever a re-fit of
+        the length has since made round(low_res * total) say."""
+        if not self.config.low_res:
+            return 0
+        until = progress.global_step if progress.low_res_end is None else progress.low_res_end
+        return max(0, min(until, progress.global_step) - since)
+
+    def low_res_until(self, progress: "Progress") -> int:
+        """--low-res: steps before this one train on half-size images. Before a budget run knows
+        its length every step does; once the first full-size step is reached, the boundary is fixed
+        (a later re-fit of the budget changes the length of the full-size part only)."""
+        if not self.config.low_res:
+            return 0
+        if progress.low_res_end is not None:
+            return progress.low_res_end
+        return 2**62 if self.total_steps is None else low_res_end(self.total_steps, self.config.low_res)
 
     def log(self, message: str) -> None:
         if self.runtime.is_main:
@@ -292,8 +315,13 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
         raise ValueError(f"cannot resume {run_dir}: its model config differs from this run's "
                          f"({config.model} with {config.model_overrides}); resume with the original settings")
     model.to(runtime.device)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, config.layer_decay), lr=config.lr,
-                                  betas=(0.9, 0.999), fused=runtime.device.type == "cuda")
+    if config.low_res:
+        half = tuple(s // 2 for s in model.patch_embedding.image_size)
+        if any(s % 2 or h % model.config.patch_size for s, h in zip(model.patch_embedding.image_size, half)):
+            raise ValueError(f"--low-res needs half-size images made of whole patches: {model.config.image_size} "
+                             f"/ 2 is not a multiple of patch {model.config.patch_size}; use --low-res 0")
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.layer_decay,
+                               fused=runtime.device.type == "cuda")
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
     if state is not None:
         try:
@@ -347,6 +375,11 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
     job = build(config, runtime, state, started)
     run_dir, log = job.run_dir, job.log
     progress = Progress.from_state(state) if state is not None else Progress(total_steps=job.total_steps)
+    if progress.total_steps is None and not config.time_budget:
+        progress.total_steps = job.total_steps  # a state file from before total_steps was saved
+    if state is not None:  # config.json is rewritten below: keep the length the run fixed
+        job.resolved.update({k: v for k, v in (("total_steps", progress.total_steps),
+                                               ("low_res_end", progress.low_res_end)) if v is not None})
     resume_rng = _saved_rng(state, runtime) if state is not None and progress.step_in_epoch else None
 
     metrics = job.metrics
@@ -409,6 +442,8 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
             f"vitlab train --resume {run_dir}")
     if runtime.is_main and metrics:
         rundir.write_curves(run_dir, metrics)
+    if runtime.is_main and status == "completed" and metrics:
+        write_run_card(run_dir, log)
     if job.tensorboard is not None:
         if status == "completed" and job.last_evaluation:
             tensorboard_figures(job, progress)
@@ -417,6 +452,33 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
         best = progress.best_val_top1
         log(f"done: best val top-1 {best:.4f} in {run_dir}" if best is not None else f"done: {run_dir}")
     return TrainResult(run_dir, status, progress.epoch, progress.best_val_top1, metrics)
+
+
+def write_run_card(run_dir: Path, log) -> None:
+    """model-card.md for the run's best weights (vitlab.model_card). A card that cannot be
+    written is a warning: the weights are saved, and the run succeeded."""
+    import datetime
+
+    from .files import atomic_write_text
+    from .model_card import model_card
+    from .runs import read_run
+    from .version import __version__
+
+    try:
+        classifier = ckpt.load_checkpoint(run_dir)
+        weights = ckpt.resolve_checkpoint(run_dir).name
+        intro = (f"A Vision Transformer image classifier trained by vitlab {__version__}, card written "
+                 f"{datetime.date.today().isoformat()} at the end of the run: the weights are {weights} in this "
+                 f"run directory.")
+        usage = ["```python", "import vitlab", "", f"classifier = vitlab.load({str(run_dir)!r})",
+                 "classifier.predict([\"photo.jpg\"], top_k=3)  # [[(class, probability), ...]]", "```", "",
+                 f"or `vitlab predict {run_dir} photo.jpg`; `vitlab export {run_dir} --format folder --out my-vit/` "
+                 f"makes a folder to share (config.json, model.safetensors, this card as README.md).", ""]
+        card = model_card(classifier, title=run_dir.name or str(run_dir), intro=intro, usage=usage,
+                          location=str(run_dir), run=read_run(run_dir))
+        atomic_write_text(run_dir / rundir.CARD_FILE, card)
+    except Exception as error:  # noqa: BLE001 - the card is a convenience; the run's weights are saved
+        log(f"warning: could not write {run_dir / rundir.CARD_FILE}: {error}")
 
 
 def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
@@ -440,6 +502,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
     start_time = time.perf_counter() - progress.partial["seconds"]
     bar = _progress_bar(job, progress)
     skip = progress.step_in_epoch
+    paced = (progress.global_step, start_time + progress.partial["seconds"])  # (step, time) of the last re-fit
     try:
         for batch_number, (images, targets) in enumerate(job.train_loader):
             if batch_number < skip:
@@ -448,7 +511,19 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                 return "stopped"  # resumed with a max_steps this run has already reached
             lr = job.lr(progress.global_step)
             set_learning_rate(job.optimizer, lr)
-            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16):
+            low_res = progress.global_step < job.low_res_until(progress)
+            if config.low_res and not low_res and progress.low_res_end is None:
+                progress.low_res_end = progress.global_step  # the first full-size step: fixed from here
+                job.resolved["low_res_end"] = progress.global_step
+                if runtime.is_main:
+                    _write_config(job)
+            full_size = images
+            if low_res:
+                # EfficientTrain's low-frequency start: a 2x2 average keeps what a half-size image
+                # can show, and a quarter of the tokens makes the step ~4x cheaper
+                images = F.avg_pool2d(images, 2)  # (B, C, H/2, W/2)
+            with (torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16),
+                  model.any_image_size() if low_res else contextlib.nullcontext()):
                 logits = job.train_model(images)  # (B, K)
             loss = classification_loss(logits, targets, config.label_smoothing)
             job.optimizer.zero_grad(set_to_none=True)
@@ -461,8 +536,12 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
             sync = step % job.sync_every == 0 or step == job.steps_per_epoch or last
             if sync:
                 # one reduction tells every process about a bad loss or a Ctrl-C anywhere
+                # ... and whether a budget's re-fit is due by time on any of them (all must re-fit together)
+                due = (job.calibration_start is not None and progress.total_steps is not None
+                       and time.perf_counter() - paced[1] >= REFIT_FRACTION * (config.time_budget or 0))
                 flags = all_reduce_sum(torch.stack([loss.detach().float(),
-                                                    torch.tensor(float(stop.requested), device=loss.device)]),
+                                                    torch.tensor(float(stop.requested), device=loss.device),
+                                                    torch.tensor(float(due), device=loss.device)]),
                                        runtime)
                 if not torch.isfinite(flags[0]):
                     raise TrainingDiverged(f"loss became {loss.item()} at epoch {progress.epoch + 1}, step {step}; "
@@ -474,7 +553,14 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                 job.ema.update(model)
             progress.global_step, progress.step_in_epoch = progress.global_step + 1, step
             if progress.total_steps is None:
-                calibrate(job, progress)
+                calibrate(job, progress, full_size if low_res else None)
+                paced = (progress.global_step, time.perf_counter())
+            elif sync and job.calibration_start is not None and not job.done(progress):
+                steps = progress.global_step - paced[0]
+                if steps >= REFIT_MIN_STEPS and (steps >= REFIT_EVERY or flags[2] > 0):
+                    now = time.perf_counter()
+                    refit_mid_epoch(job, progress, steps, now - paced[1])
+                    paced = (progress.global_step, now)
             budget_end = job.done(progress)
             hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
             window += torch.stack([loss.detach().double() * len(hard),
@@ -504,11 +590,13 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
     return None
 
 
-def calibrate(job: Job, progress: Progress) -> None:
+def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = None) -> None:
     """Under a time budget: times optimizer steps from CALIBRATION_START to the end of warmup
     (vitlab.budget.calibration_end) and one validation batch, then fixes the run's length
     (vitlab.budget.fit_total_steps) and the EMA's horizon. Every process calls it after every
-    step until then; they agree on the slowest one's speed, so they stop at the same step."""
+    step until then; they agree on the slowest one's speed, so they stop at the same step.
+    full_size: the step's batch at full size when it trained at half size (--low-res): what a
+    full-size step costs more is then measured on it."""
     runtime, config = job.runtime, job.config
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
@@ -529,19 +617,60 @@ def calibrate(job: Job, progress: Progress) -> None:
     if progress.global_step < job.calibration_end:
         return
     eval_s = _evaluation_seconds(job) + job.save_s  # each epoch ends with an evaluation and a save
-    step_s, eval_s = (max(values) for values in zip(*all_gather_object((step_s, eval_s), runtime)))
-    total = fit_total_steps(config.time_budget, now - job.started, progress.global_step, step_s,
-                            job.steps_per_epoch, eval_s)
+    saving = _low_res_saving(job, full_size) if full_size is not None else 0.0
+    elapsed = time.perf_counter() - job.started  # the timed evaluation batch and passes included
+    # every process fits from the same figures (the slowest's), so all stop at the same step
+    step_s, eval_s, saving, elapsed = (max(values) for values in zip(*all_gather_object(
+        (step_s, eval_s, saving, elapsed), runtime)))
+    # step_s timed half-size steps when --low-res is on: a full-size one costs `saving` more
+    job.low_res_saving_s, job.end_s = saving, eval_s
+    low_res = (config.low_res, step_s) if full_size is not None else None
+    total = fit_total_steps(config.time_budget, elapsed, progress.global_step, step_s + saving,
+                            job.steps_per_epoch, eval_s, low_res=low_res)
     job.total_steps = progress.total_steps = total
+    if low_res is not None and low_res_end(total, config.low_res) <= progress.global_step:
+        progress.low_res_end = progress.global_step  # the boundary passed while timing: full size from here
     if job.ema is not None:
         job.ema.decay = ema_decay_for(total, config.ema_decay)
-    job.resolved.update(seconds_per_step=round(step_s, 5),
+    job.resolved.update(seconds_per_step=round(step_s + saving, 5),
                         ema_decay=job.ema.decay if job.ema is not None else None)
+    if low_res is not None:
+        job.resolved.update(seconds_per_half_size_step=round(step_s, 5), low_res_end=job.low_res_until(progress))
     _record_length(job, total)
-    job.log(f"time budget {format_duration(config.time_budget)}: {1 / step_s:.1f} steps/s measured -> "
+    job.log(f"time budget {format_duration(config.time_budget)}: {1 / (step_s + saving):.1f} steps/s measured -> "
             f"{total:,} steps ({total / job.steps_per_epoch:.1f} epochs), {config.schedule} decay to "
             f"{config.min_lr:g} at the last step"
-            + (f", EMA decay {job.ema.decay:.4f}" if job.ema is not None else ""))
+            + (f", EMA decay {job.ema.decay:.4f}" if job.ema is not None else "")
+            + (f"; the first {job.low_res_until(progress):,} at half size ({1 / step_s:.1f} steps/s)"
+               if low_res is not None else ""))
+
+
+def _low_res_saving(job: Job, images: torch.Tensor) -> float:
+    """Seconds a full-size step costs more than a half-size one (--low-res under a budget): forward
+    and backward of the same batch at both sizes, timed three times each, the fastest kept (the
+    optimizer step, clipping and EMA cost the same at both sizes). The random stream is restored
+    and the gradients dropped, so the run goes on as if it had not been timed."""
+    runtime, model = job.runtime, job.model
+
+    def seconds(batch: torch.Tensor, half: bool) -> float:
+        times = []
+        for _ in range(3):
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize(runtime.device)
+            start = time.perf_counter()
+            with (torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16),
+                  model.any_image_size() if half else contextlib.nullcontext()):
+                logits = job.train_model(batch)
+            logits.float().square().mean().backward()
+            if runtime.device.type == "cuda":
+                torch.cuda.synchronize(runtime.device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        saving = seconds(images, half=False) - seconds(F.avg_pool2d(images, 2), half=True)
+    job.optimizer.zero_grad(set_to_none=True)
+    return max(0.0, saving)
 
 
 def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
@@ -550,17 +679,44 @@ def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
     show), its evaluation's real cost and the last checkpoint's fix the run's length again, so the
     run still ends with the budget. On a fast machine an epoch's checkpoint can cost as much as
     its steps, so each epoch end counts one evaluation and one save, this epoch's save included."""
-    step_s = progress.partial["seconds"] / max(progress.step_in_epoch, 1)
+    # --low-res: this epoch's half-size steps were cheaper by the saving measured at calibration
+    half_size = job.half_size_steps(progress, since=progress.global_step - progress.step_in_epoch)
+    step_s = ((progress.partial["seconds"] + half_size * job.low_res_saving_s)
+              / max(progress.step_in_epoch, 1))  # a full-size step's
     end_s = eval_s + job.save_s
-    step_s, end_s = (max(values) for values in zip(*all_gather_object((step_s, end_s), job.runtime)))
     elapsed = time.perf_counter() - job.started + job.save_s  # this epoch's save is still to come
+    step_s, end_s, elapsed = (max(values) for values in zip(*all_gather_object((step_s, end_s, elapsed),
+                                                                               job.runtime)))
+    job.end_s = end_s
+    low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
+               if job.config.low_res and progress.low_res_end is None else None)
     total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step,
-                            step_s, job.steps_per_epoch, end_s, evaluations_done=progress.epoch + 1)
+                            step_s, job.steps_per_epoch, end_s, evaluations_done=progress.epoch + 1,
+                            low_res=low_res)
     if total != job.total_steps:
         job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
                 f"(was {job.total_steps:,})")
     job.total_steps = progress.total_steps = total
     _record_length(job, total)
+
+
+def refit_mid_epoch(job: Job, progress: Progress, steps: int, seconds: float) -> None:
+    """Under a time budget, every REFIT_EVERY steps or REFIT_FRACTION of the budget inside an epoch
+    (at a host sync, at least REFIT_MIN_STEPS steps apart): the pace of those steps fixes the run's
+    length again. An epoch on a 2-core CPU lasts minutes, and a machine that slows down
+    in the last one (another program starts, the CPU throttles) would otherwise overrun."""
+    half_size = job.half_size_steps(progress, since=progress.global_step - steps)
+    step_s = (seconds + half_size * job.low_res_saving_s) / steps  # a full-size step's
+    elapsed = time.perf_counter() - job.started
+    step_s, elapsed = (max(values) for values in zip(*all_gather_object((step_s, elapsed), job.runtime)))
+    low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
+               if job.config.low_res and progress.low_res_end is None else None)
+    total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step,
+                            step_s, job.steps_per_epoch, job.end_s, evaluations_done=progress.epoch,
+                            low_res=low_res)
+    if total != job.total_steps:
+        job.total_steps = progress.total_steps = total
+        _record_length(job, total)
 
 
 def _write_config(job: Job) -> None:
@@ -612,6 +768,8 @@ def finish_epoch(job: Job, progress: Progress) -> dict:
         # a budget run that timed itself (not one resumed after that: it keeps the saved length)
         refit_budget(job, progress, time.perf_counter() - evaluation_start)
     row.update(scores)
+    if job.config.low_res:
+        row["half_size_steps"] = job.half_size_steps(progress, since=progress.global_step - progress.step_in_epoch)
     row.update(epoch_seconds=round(partial["seconds"], 2),
                train_img_per_s=round(float(sums[2]) / max(partial["seconds"], 1e-9), 1))
     # Nothing non-finite is saved as success: an epoch whose losses (training, validation, EMA)
@@ -717,7 +875,7 @@ def save_checkpoint(job: Job, progress: Progress, scores: dict | None = None, ro
     ckpt.save_training_state(job.run_dir / ckpt.STATE_FILE, {
         "format": ckpt.FORMAT, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
         "global_step": progress.global_step, "best_val_top1": progress.best_val_top1,
-        "total_steps": progress.total_steps,
+        "total_steps": progress.total_steps, "low_res_end": progress.low_res_end,
         "partial_epoch": dict(progress.partial), "rng": {"torch": rng_states[0], "ranks": rng_states},
         "model": weights, "model_digest": ckpt.tensor_digest(weights),
         "model_config": job.model.config.to_dict(), "optimizer": job.optimizer.state_dict(),
