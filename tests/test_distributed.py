@@ -35,7 +35,7 @@ def test_torchrun_two_cpu_processes_train_with_gloo_write_once_and_resume_exactl
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["best.safetensors", "config.json", "curves.png", "environment.json", "last.safetensors",
-         "last.state.pt", "metrics.csv", "metrics.jsonl"])
+         "last.state.pt", "metrics.csv", "metrics.jsonl", "model-card.md"])
     env_info = json.loads((run / "environment.json").read_text())
     assert env_info["world_size"] == 2
     resolved = json.loads((run / "config.json").read_text())["resolved"]
@@ -56,3 +56,24 @@ def test_torchrun_two_cpu_processes_train_with_gloo_write_once_and_resume_exactl
     assert straight["global_step"] == resumed["global_step"] == 6
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_budget_run_refits_together_and_ends_on_one_step(tmp_path):
+    """Under a time budget every process re-fits the run's length inside epochs (every 2% of the
+    budget here, decided by all of them together) from the slowest one's figures: with Muon and a
+    half-size start, two processes finish on the same step instead of hanging in a collective."""
+    images = make_image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    config = tmp_path / "ddp.json"
+    config.write_text(json.dumps(dict(data=str(images), model_overrides=TINY_MODEL, time_budget=20, batch_size=2,
+                                      val_size=30, lr=0.002, warmup_epochs=0.5, optimizer="muon", low_res=0.5,
+                                      out=str(run), device="cpu", precision="fp32")))
+    env = dict(os.environ, OMP_NUM_THREADS="1", VITLAB_CACHE=str(tmp_path / "cache"))
+    done = _torchrun("--config", str(config), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = ckpt.load_training_state(run / ckpt.STATE_FILE)
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert state["global_step"] == state["total_steps"] == resolved["total_steps"] > 45  # past one epoch
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["half_size_steps"] for r in rows) == state["low_res_end"] == resolved["low_res_end"] > 0
