@@ -4,6 +4,7 @@ are skipped with the reason when it is absent."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,16 @@ def tiny_vit_kwargs(**overrides) -> dict:
                   heads=4, mlp_dim=64, dropout=0.0)
     kwargs.update(overrides)
     return kwargs
+
+
+def fake_clock(monkeypatch, seconds_per_call: float) -> dict:
+    """time.perf_counter advancing by a fixed amount per call: calibration then sees a known speed,
+    whatever this machine's load. Returns the clock ({"t": seconds}) so a test can move it."""
+    clock = {"t": 0.0}
+
+    def tick():
+        clock["t"] += seconds_per_call
+        return clock["t"]
+
+    monkeypatch.setattr(importlib.import_module("vitlab.train").time, "perf_counter", tick)
+    return clock

@@ -4,15 +4,15 @@ import importlib
 import json
 
 import pytest
-import torch
 
 import vitlab
 from vitlab import checkpoint as ckpt
 from vitlab.budget import ema_decay_for, fit_total_steps, format_duration, parse_duration
-from vitlab.cli import main
 from vitlab.config import TrainConfig
 from vitlab.optim import learning_rate
 from tests.image_fixtures import make_image_folder, tiny_config
+
+from .conftest import fake_clock
 
 budget_module = importlib.import_module("vitlab.budget")
 
@@ -79,24 +79,11 @@ def test_time_budget_in_config_files_and_flags():
         TrainConfig(schedule="step")
 
 
-def _fake_clock(monkeypatch, seconds_per_call: float) -> dict:
-    """time.perf_counter advancing by a fixed amount per call: calibration then sees a known speed,
-    whatever this machine's load. Returns the clock ({"t": seconds}) so a test can move it."""
-    clock = {"t": 0.0}
-
-    def tick():
-        clock["t"] += seconds_per_call
-        return clock["t"]
-
-    monkeypatch.setattr(importlib.import_module("vitlab.train").time, "perf_counter", tick)
-    return clock
-
-
 def test_budget_run_fits_its_length_to_the_measured_speed_and_resumes_on_that_schedule(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "images", per_class=40)
-    _fake_clock(monkeypatch, 0.05)
+    fake_clock(monkeypatch, 0.05)
     config = tiny_config(data, tmp_path / "run", precision="fp32", epochs=1, time_budget=6.0, batch_size=8,
                          min_lr=0.0, schedule="linear", max_steps=30)
     result = vitlab.train(config)
@@ -109,7 +96,7 @@ def test_budget_run_fits_its_length_to_the_measured_speed_and_resumes_on_that_sc
     assert state["total_steps"] == total
 
     # resumed on a "faster machine": the saved length holds, and the run ends on its last step
-    _fake_clock(monkeypatch, 0.001)
+    fake_clock(monkeypatch, 0.001)
     resumed = vitlab.train(resume=str(tmp_path / "run"))
     assert resumed.status == "completed"
     final = ckpt.load_training_state(tmp_path / "run" / ckpt.STATE_FILE)
@@ -124,7 +111,7 @@ def test_a_budget_run_counts_each_epochs_checkpoint_and_ends_within_the_budget(t
     epoch of the lite model in 2 s): a run that projected only steps and evaluations overran."""
     monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "images", per_class=40)
-    clock = _fake_clock(monkeypatch, 0.01)
+    clock = fake_clock(monkeypatch, 0.01)
     train_module = importlib.import_module("vitlab.train")
     save = train_module.save_checkpoint
 

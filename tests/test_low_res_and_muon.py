@@ -16,10 +16,9 @@ from vitlab.budget import fit_total_steps, low_res_end
 from vitlab.optim import Muon, MuonWithAdamW, make_optimizer, orthogonalize, set_learning_rate
 from tests.image_fixtures import make_image_folder, tiny_config
 
-from .conftest import tiny_vit_kwargs
+from .conftest import fake_clock, tiny_vit_kwargs
 
 train_module = importlib.import_module("vitlab.train")
-optim_module = importlib.import_module("vitlab.optim")
 
 
 # ---------------------------------------------------------------- Muon
@@ -161,13 +160,7 @@ def test_half_size_and_muon_runs_resume_bit_identical(images, tmp_path):
 
 
 def test_a_budget_run_with_a_half_size_start_ends_within_its_budget(images, tmp_path, monkeypatch):
-    clock = {"t": 0.0}
-
-    def tick():
-        clock["t"] += 0.01
-        return clock["t"]
-
-    monkeypatch.setattr(train_module.time, "perf_counter", tick)
+    clock = fake_clock(monkeypatch, 0.01)
     budget = 6.0
     result = vitlab.train(tiny_config(images, tmp_path / "run", precision="fp32", low_res=0.6, time_budget=budget,
                                       batch_size=10, warmup_epochs=0.5, ema_decay=None))
@@ -187,13 +180,7 @@ def test_a_boundary_that_passes_while_the_budget_is_timed_keeps_the_run_its_leng
     (a tenth of ~300 steps): every step so far ran at half size, and must be counted so. Counted
     from round(0.1 * total) instead, the epoch's pace looked like a full step's, a half-size step
     came out at a negative cost, and the run stopped one step later, at a quarter of its budget."""
-    clock = {"t": 0.0}
-
-    def tick():
-        clock["t"] += 0.01
-        return clock["t"]
-
-    monkeypatch.setattr(train_module.time, "perf_counter", tick)
+    clock = fake_clock(monkeypatch, 0.01)
     monkeypatch.setattr(train_module, "_low_res_saving", lambda job, images: 0.03)  # full size costs 3 ticks more
     budget = 8.0
     result = vitlab.train(tiny_config(images, tmp_path / "run", precision="fp32", low_res=0.1, time_budget=budget,
