@@ -679,25 +679,14 @@ def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
     show), its evaluation's real cost and the last checkpoint's fix the run's length again, so the
     run still ends with the budget. On a fast machine an epoch's checkpoint can cost as much as
     its steps, so each epoch end counts one evaluation and one save, this epoch's save included."""
-    # --low-res: this epoch's half-size steps were cheaper by the saving measured at calibration
-    half_size = job.half_size_steps(progress, since=progress.global_step - progress.step_in_epoch)
-    step_s = ((progress.partial["seconds"] + half_size * job.low_res_saving_s)
-              / max(progress.step_in_epoch, 1))  # a full-size step's
-    end_s = eval_s + job.save_s
-    elapsed = time.perf_counter() - job.started + job.save_s  # this epoch's save is still to come
-    step_s, end_s, elapsed = (max(values) for values in zip(*all_gather_object((step_s, end_s, elapsed),
-                                                                               job.runtime)))
-    job.end_s = end_s
-    low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
-               if job.config.low_res and progress.low_res_end is None else None)
-    total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step,
-                            step_s, job.steps_per_epoch, end_s, evaluations_done=progress.epoch + 1,
-                            low_res=low_res)
+    total, step_s = _fit_again(job, progress, progress.step_in_epoch, progress.partial["seconds"],
+                               end_s=eval_s + job.save_s, evaluations_done=progress.epoch + 1,
+                               pending_s=job.save_s)  # this epoch's save is still to come
     if total != job.total_steps:
         job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
                 f"(was {job.total_steps:,})")
-    job.total_steps = progress.total_steps = total
-    _record_length(job, total)
+        job.total_steps = progress.total_steps = total
+        _record_length(job, total)
 
 
 def refit_mid_epoch(job: Job, progress: Progress, steps: int, seconds: float) -> None:
@@ -705,18 +694,29 @@ def refit_mid_epoch(job: Job, progress: Progress, steps: int, seconds: float) ->
     (at a host sync, at least REFIT_MIN_STEPS steps apart): the pace of those steps fixes the run's
     length again. An epoch on a 2-core CPU lasts minutes, and a machine that slows down
     in the last one (another program starts, the CPU throttles) would otherwise overrun."""
-    half_size = job.half_size_steps(progress, since=progress.global_step - steps)
-    step_s = (seconds + half_size * job.low_res_saving_s) / steps  # a full-size step's
-    elapsed = time.perf_counter() - job.started
-    step_s, elapsed = (max(values) for values in zip(*all_gather_object((step_s, elapsed), job.runtime)))
-    low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
-               if job.config.low_res and progress.low_res_end is None else None)
-    total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step,
-                            step_s, job.steps_per_epoch, job.end_s, evaluations_done=progress.epoch,
-                            low_res=low_res)
+    total, _ = _fit_again(job, progress, steps, seconds, end_s=job.end_s, evaluations_done=progress.epoch)
     if total != job.total_steps:
         job.total_steps = progress.total_steps = total
         _record_length(job, total)
+
+
+def _fit_again(job: Job, progress: Progress, steps: int, seconds: float, end_s: float, evaluations_done: int,
+               pending_s: float = 0.0) -> tuple[int, float]:
+    """The run's length from the pace of the last `steps` steps (`seconds` of them), `end_s` per
+    epoch end and the time spent so far plus `pending_s`; every process gets the same answer from
+    the slowest one's figures. Returns (total steps, seconds per full-size step); sets job.end_s."""
+    # --low-res: the half-size steps among them were cheaper by the saving measured at calibration
+    half_size = job.half_size_steps(progress, since=progress.global_step - steps)
+    step_s = (seconds + half_size * job.low_res_saving_s) / max(steps, 1)  # a full-size step's
+    elapsed = time.perf_counter() - job.started + pending_s
+    step_s, end_s, elapsed = (max(values) for values in zip(*all_gather_object((step_s, end_s, elapsed),
+                                                                               job.runtime)))
+    job.end_s = end_s
+    low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
+               if job.config.low_res and progress.low_res_end is None else None)
+    total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step, step_s, job.steps_per_epoch,
+                            end_s, evaluations_done=evaluations_done, low_res=low_res)
+    return total, step_s
 
 
 def _write_config(job: Job) -> None:
