@@ -67,6 +67,19 @@ def test_cli_eval_json_uses_the_training_validation_split(run_and_data, capsys):
     assert (run / "confusion-best-val.png").exists()
 
 
+def test_evaluating_an_exported_folder_leaves_it_as_the_export_wrote_it(run_and_data, tmp_path, monkeypatch, capsys):
+    run, images = run_and_data
+    folder = tmp_path / "my-vit"
+    assert main(["export", str(run), "--format", "folder", "--out", str(folder)]) == 0
+    written = sorted(p.name for p in folder.iterdir())
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(folder), "--data", str(images), "--split", "val", "--precision", "fp32"]) == 0
+    assert "confusion matrix: " in capsys.readouterr().out
+    assert (tmp_path / "confusion-my-vit-val.png").exists()  # in the current directory instead
+    assert sorted(p.name for p in folder.iterdir()) == written
+    assert main(["export", str(run), "--format", "folder", "--out", str(folder)]) == 0  # re-export still allowed
+
+
 def test_cli_eval_table_and_missing_split(run_and_data, capsys):
     run, images = run_and_data
     assert main(["eval", str(run / "last.safetensors"), "--data", str(images), "--split", "val"]) == 0

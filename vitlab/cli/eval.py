@@ -22,8 +22,8 @@ def register(subparsers) -> None:
     add_precision_option(p)
     add_tta_option(p)
     p.add_argument("--confusion", metavar="PNG",
-                   help="where to write the confusion matrix (default: beside the checkpoint, or in the "
-                        "current directory for the shipped model)")
+                   help="where to write the confusion matrix (default: beside a run's checkpoint; in the current "
+                        "directory for the shipped model or an exported model folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -33,7 +33,7 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from ..checkpoint import DEFAULT_WEIGHTS, resolve_checkpoint
+    from ..checkpoint import DEFAULT_WEIGHTS, MODEL_FILE, resolve_checkpoint
     from ..evaluate import evaluate_checkpoint
     from ..plots import plot_confusion_matrix
 
@@ -44,8 +44,14 @@ def run(args) -> int:
     result = evaluate_checkpoint(path, args.data, split=args.split, val_size=val_size,
                                  batch_size=args.batch_size, precision=args.precision, tta=args.tta,
                                  progress=True)
-    folder = Path.cwd() if path == DEFAULT_WEIGHTS else path.parent  # never write into the package
-    png = Path(args.confusion) if args.confusion else folder / f"confusion-{path.stem}-{result.split}.png"
+    # beside a run's checkpoint; never into the package, nor into an exported model folder (it holds
+    # only the export's files, and a later export into it would refuse a folder with others)
+    if path == DEFAULT_WEIGHTS or path.name == MODEL_FILE:
+        name = path.stem if path == DEFAULT_WEIGHTS else path.parent.resolve().name
+        default_png = Path.cwd() / f"confusion-{name}-{result.split}.png"
+    else:
+        default_png = path.parent / f"confusion-{path.stem}-{result.split}.png"
+    png = Path(args.confusion) if args.confusion else default_png
 
     # the figures first: a figure that cannot be written must not lose them
     if args.json:
