@@ -97,6 +97,10 @@ class TrainConfig:
     low_res: float = option(0.0, "fraction of the run's optimizer steps, from the first, that train on "
                                  "half-size images (2x2 average-pooled; the position embedding resampled): each "
                                  "costs about a quarter of a full-size step; 0 = off", metavar="FRACTION")
+    distill: float = option(0.0, "fraction of --time-budget spent first training a small CNN teacher; the ViT "
+                                 "then learns half from the labels and half from the teacher's predictions "
+                                 "(DeiT's hard distillation) and is saved as the same plain ViT; 0 = off",
+                            metavar="FRACTION")
     warmup_epochs: float = option(1.0, "epochs of linear warmup (fractions allowed)")
     label_smoothing: float = option(0.1, "label smoothing, in [0, 1)")
     clip_grad: float | None = option(1.0, "max global gradient norm; 0 turns clipping off")
@@ -158,7 +162,7 @@ class TrainConfig:
                                                    and math.isfinite(self.time_budget) and self.time_budget > 0):
             raise ValueError(f"time_budget must be a positive number of seconds, got {self.time_budget!r}")
         for name in ("lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad",
-                     "ema_decay", "layer_decay", "val_size", "low_res"):
+                     "ema_decay", "layer_decay", "val_size", "low_res", "distill"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
@@ -185,6 +189,10 @@ class TrainConfig:
              "must be in (0, 1), or 0 for off"),
             ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]"),
             ("low_res", 0 <= self.low_res < 1, "must be in [0, 1): the run has to end at full size"),
+            ("distill", 0 <= self.distill <= 0.5, "must be in [0, 0.5]: the teacher gets that fraction of "
+                                                  "the time budget, the ViT the rest"),
+            ("distill", not self.distill or self.time_budget is not None,
+             "needs --time-budget (the teacher trains for that fraction of it)"),
             # AdamW multiplies every weight by 1 - lr * weight_decay each step: at 1 or more it
             # zeroes or flips them
             ("weight_decay", self.lr * self.weight_decay < 1, f"times lr ({self.lr:g}) must be below 1"),
@@ -336,6 +344,9 @@ def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
     stored = {k: v for k, v in read_config(run_dir).items() if k != "resolved" and k not in NOT_RESUMED}
     given = {k: v for k, v in overrides.items() if v is not None and k not in ("resume", "out")}
     merged = {**stored, **given}
+    if "distill" in given and given["distill"] != (stored.get("distill") or 0.0):
+        raise ValueError(f"cannot resume {run_dir} with --distill {given['distill']}: it was started with --distill "
+                         f"{stored.get('distill') or 0} and has trained on those targets; leave --distill out")
     for key in ("model_overrides", "augment_overrides"):
         if not isinstance(stored.get(key, {}), dict):
             raise ValueError(f"{Path(run_dir) / 'config.json'}: {key} must be a mapping, got {stored[key]!r}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .classifier import Classifier
 from .data.image import PREPROCESSING_RULE
+from .rundir import TEACHER_FILE
 
 
 def _pct(value) -> str:
@@ -83,6 +84,15 @@ def model_card(classifier: Classifier, *, title: str, intro: str, usage: list[st
     if run is not None:
         lines.append(f"- Recipe: {run.recipe or 'not recorded'}; model preset {run.model or 'not recorded'}; "
                      f"length {run.length or 'not recorded'}; {run.epochs_done or 0} epoch(s) finished.")
+        teacher = (run.config.get("resolved") or {}).get("teacher")
+        if isinstance(teacher, dict) and teacher.get("steps") is not None:
+            score = (f", {teacher['val_top1']:.2%} validation top-1" if isinstance(teacher.get("val_top1"), float)
+                     else "")
+            lines.append(f"- Distilled (`--distill {run.config.get('distill')}`): a CNN teacher trained first, inside the "
+                         f"same budget, for {teacher['steps']:,} steps ({teacher.get('epochs', 0):.1f} epochs, "
+                         f"{teacher.get('seconds', 0):.0f} s){score}; the ViT learned half from the labels and half "
+                         f"from the teacher's predictions. The weights here are a plain ViT; the teacher is in "
+                         f"{TEACHER_FILE} in the run directory.")
         if run.train_seconds is not None:
             lines.append(f"- Time: {format_duration(run.train_seconds)} of training steps (evaluation excluded).")
         lines.append(f"- Machine: {run.machine or 'not recorded'}"

@@ -5,6 +5,8 @@ training into a directory that already holds a run.
     environment.json   versions, machine, device, command, git commit (vitlab.runtime)
     metrics.jsonl      one JSON object per finished epoch
     curves.png         loss and accuracy per epoch
+    model-card.md      what the best weights are and how they were made, at the end of a run
+    teacher.safetensors  --distill: the CNN teacher and its label for every training image (vitlab.teacher)
     best.safetensors, last.safetensors, last.state.pt    (vitlab.checkpoint)
 
 Every file is written atomically except metrics.jsonl, which is appended a line at a time (and
@@ -39,8 +41,9 @@ CURVES_FILE = "curves.png"
 CARD_FILE = "model-card.md"  # what the run's best weights are and how they were made, at the end of a run
 CONFUSION_FILE = "confusion-val.png"  # the saved weights' validation confusion matrix, at the end of a run
 TENSORBOARD_DIR = "tensorboard"  # event files of --log tensorboard
+TEACHER_FILE = "teacher.safetensors"  # --distill: the CNN teacher and its label for every training image
 RUN_FILES = (CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, METRICS_CSV_FILE, CURVES_FILE, CONFUSION_FILE,
-             CARD_FILE, *WEIGHT_FILES, STATE_FILE)
+             CARD_FILE, TEACHER_FILE, *WEIGHT_FILES, STATE_FILE)
 
 
 class RunExists(ValueError):

@@ -3,9 +3,11 @@
     result = vitlab.train(vitlab.train_preset("nano", data="cifar10-jpeg-train.tar.gz"))
     result.run_dir / "best.safetensors"
 
-The recipe: AdamW with warmup + cosine, label smoothing, gradient clipping, a weight EMA
-(vitlab.optim); bf16 autocast where the hardware has it (vitlab.precision); DDP under torchrun
-(vitlab.runtime); a run directory with everything needed to reproduce the run (vitlab.rundir).
+The recipe: AdamW (or Muon for the blocks' matrices) with warmup and a cosine or linear decay,
+label smoothing, gradient clipping, a weight EMA (vitlab.optim); a length fitted to a time budget
+(vitlab.budget); optionally a half-size start and a CNN teacher's labels (vitlab.teacher); bf16
+autocast where the hardware has it (vitlab.precision); DDP under torchrun (vitlab.runtime); a run
+directory with everything needed to reproduce the run (vitlab.rundir).
 
 Determinism: the loader's order and augmentation are a pure function of (seed, epoch, rank, batch),
 and the global RNG (stochastic depth, dropout) is re-seeded from (seed, epoch, rank) at the start of
@@ -27,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from .config import TrainConfig, resume_config, train_preset
 from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
 from .data.loader import derive_seed
 from .evaluate import evaluate
+from .teacher import load_teacher_labels, save_teacher, teach
 from .tensorboard_log import TensorBoardLog, require_tensorboard
 from .model import ViTConfig, VisionTransformer
 from .optim import WeightEMA, freeze_backbone, learning_rate, make_optimizer, set_learning_rate
@@ -115,8 +118,22 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
 # ---------------------------------------------------------------- pieces of the recipe
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Cross-entropy against hard (B,) labels or soft (B, K) probabilities (Mixup/CutMix), with label
-    smoothing either way; in fp32 even under autocast."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+    smoothing either way, or against int64 (B, 2) [label, teacher's label] pairs (--distill: DeiT's
+    hard distillation, half the loss on each, the teacher's half unsmoothed as in DeiT); in fp32
+    even under autocast."""
+    logits = logits.float()
+    if targets.ndim == 2 and not targets.is_floating_point():
+        return 0.5 * (F.cross_entropy(logits, targets[:, 0], label_smoothing=smoothing)
+                      + F.cross_entropy(logits, targets[:, 1]))
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+
+def true_labels(targets: torch.Tensor) -> torch.Tensor:
+    """The (B,) classes training accuracy is counted against: the labels, the larger share of a
+    Mixup/CutMix pair, or the true one of a distillation pair."""
+    if targets.ndim == 1:
+        return targets
+    return targets.argmax(dim=1) if targets.is_floating_point() else targets[:, 0]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -283,6 +300,11 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
         wanted = saved_config
     # every setting is checked before the data is decoded (minutes for a large dataset)
     augment = augment_preset(config.augment, **config.augment_overrides)
+    if config.distill and runtime.distributed:
+        raise ValueError("--distill trains its teacher in a single process: run it without torchrun")
+    if config.distill and augment.mixes:
+        raise ValueError("--distill's teacher labels cannot be mixed by Mixup/CutMix: use --augment light, or "
+                         "--augment-arg mixup_alpha=0 --augment-arg cutmix_alpha=0")
 
     # data: the model's input size and channels decide how images are converted; rank 0 decodes
     # and fills the cache first, the other processes then read it
@@ -334,6 +356,12 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
             raise ValueError(f"cannot resume {run_dir}: {ckpt.STATE_FILE} does not fit this run's model and "
                              f"optimizer ({first}); start the run over with --overwrite") from None
 
+    teacher_labels = None
+    if config.distill and state is not None:  # a resumed run trains on the labels its teacher gave
+        try:
+            teacher_labels, teacher_report = load_teacher_labels(run_dir / rundir.TEACHER_FILE, train_set)
+        except ValueError as error:
+            raise ValueError(f"cannot resume {run_dir}: {error}; start the run over with --overwrite") from None
     if config.batch_size % runtime.world_size:
         raise ValueError(f"batch_size {config.batch_size} must divide evenly among "
                          f"{runtime.world_size} processes")
@@ -344,6 +372,8 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
     val_loader = (BatchLoader(data.val, config.eval_batch_size, mean=data.mean, std=data.std, train=False,
                               device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
                   if data.val is not None and len(data.val) else None)
+    if teacher_labels is not None:
+        train_loader.set_teacher_labels(teacher_labels)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no full batch of {config.batch_size}; "
@@ -358,6 +388,8 @@ def build(config: TrainConfig, runtime: Runtime, state: dict | None, started: fl
     resolved = {"precision": runtime.precision, "model_config": model.config.to_dict(),
                 "augment": augment.to_dict(), "mean": list(data.mean), "std": list(data.std),
                 "train_images": len(train_set), "steps_per_epoch": steps_per_epoch}
+    if teacher_labels is not None:
+        resolved["teacher"] = teacher_report
     return Job(config, runtime, run_dir, data, train_set, model, train_model, optimizer, ema, train_loader,
                val_loader, resolved, steps_per_epoch,
                warmup_steps=max(1, round(config.warmup_epochs * steps_per_epoch)),
@@ -412,6 +444,13 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
             f"{'bf16 autocast' if runtime.bf16 else 'fp32'} on {runtime.device}"
             f"{f' x {runtime.world_size} processes' if runtime.distributed else ''}; run dir {run_dir}")
 
+    if config.distill and state is None:
+        train_the_teacher(job)
+    elif config.distill and progress.total_steps is None:
+        # stopped before its length was fixed: the budget is timed again from here, and the
+        # teacher's seconds were spent out of it already
+        job.started -= float(job.resolved["teacher"].get("seconds") or 0.0)
+
     status = "completed"
     with StopOnInterrupt(log) as stop:
         while not job.done(progress):
@@ -452,6 +491,24 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
         best = progress.best_val_top1
         log(f"done: best val top-1 {best:.4f} in {run_dir}" if best is not None else f"done: {run_dir}")
     return TrainResult(run_dir, status, progress.epoch, progress.best_val_top1, metrics)
+
+
+def train_the_teacher(job: Job) -> None:
+    """--distill, in a new run: trains the CNN teacher (vitlab.teacher) for its fraction of the
+    budget, saves it with its labels in teacher.safetensors (where a resumed run reads them back)
+    and gives the training loader the teacher's label for every training image."""
+    config, data = job.config, job.data
+    seconds = config.distill * config.time_budget
+    job.log(f"distillation: training a CNN teacher for {format_duration(seconds)} ({config.distill:.0%} of the "
+            f"budget)")
+    labels, teacher, report = teach(job.train_set, data.val, mean=data.mean, std=data.std, seconds=seconds,
+                                    seed=config.seed, device=job.runtime.device, bf16=job.runtime.bf16,
+                                    batch_size=config.eval_batch_size, log=job.log, progress=job.runtime.is_main)
+    job.log(report.summary())
+    save_teacher(job.run_dir / rundir.TEACHER_FILE, teacher, labels, job.train_set, report)
+    job.resolved["teacher"] = {**asdict(report), "widths": list(teacher.widths)}
+    _write_config(job)
+    job.train_loader.set_teacher_labels(labels)
 
 
 def write_run_card(run_dir: Path, log) -> None:
@@ -562,7 +619,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                     refit_mid_epoch(job, progress, steps, now - paced[1])
                     paced = (progress.global_step, now)
             budget_end = job.done(progress)
-            hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+            hard = true_labels(targets)
             window += torch.stack([loss.detach().double() * len(hard),
                                    (logits.argmax(1) == hard).sum().double(),
                                    loss.new_full((), len(hard), dtype=torch.float64)])  # no host copy
@@ -613,7 +670,8 @@ def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = Non
             return
         # the slowest process sets the pace (all_reduce has no max on every backend: gather)
         step_s = max(all_gather_object(step_s, runtime))
-        job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget)
+        # the ViT's own share of the budget: a teacher (--distill) took its part before the first step
+        job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget * (1 - config.distill))
     if progress.global_step < job.calibration_end:
         return
     eval_s = _evaluation_seconds(job) + job.save_s  # each epoch ends with an evaluation and a save

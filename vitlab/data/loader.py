@@ -50,9 +50,20 @@ class BatchLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255
         self.policy = build_policy(self.augment)
         self.mix = build_mix(self.augment, self.num_classes)
+        self.teacher_labels = None  # set_teacher_labels
         self.first_flips = (first_epoch_flips(len(self.images), derive_seed(seed, -1))
                             if self.augment.flip and self.augment.flip_mode == "alternate" else None)
         self.epoch = 0
+
+    def set_teacher_labels(self, labels: torch.Tensor) -> None:
+        """Distillation (vitlab.teacher): a second label for every image, the teacher's; batches then
+        carry int64 (B, 2) targets [label, teacher's label]."""
+        if self.mix is not None:
+            raise ValueError("distillation's teacher labels cannot be mixed by Mixup/CutMix: set mixup_alpha=0 "
+                             "and cutmix_alpha=0 (--augment-arg), or train without --distill")
+        if labels.shape != self.labels.shape:
+            raise ValueError(f"teacher labels of shape {tuple(labels.shape)} do not fit {len(self.labels)} images")
+        self.teacher_labels = labels.to(self.device, torch.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,13 +102,16 @@ class BatchLoader:
 
     def make_batch(self, index: torch.Tensor, batch_seed: int):
         """The batch of these dataset indices, as iteration builds it for a batch with this seed
-        (augmented when train=True): (images float (B, C, H, W), targets (B,) or (B, K))."""
+        (augmented when train=True): (images float (B, C, H, W), targets): int64 (B,) labels, float
+        (B, K) with Mixup/CutMix, int64 (B, 2) [label, teacher's label] with set_teacher_labels."""
         # the flip bookkeeping reads the indices on the CPU: reading them back from a GPU would make
         # the host wait for every step already queued there
         cpu_index = index.cpu()
         index = to_device(cpu_index, self.device)
         images = self.images[index]  # uint8 (B, C, H, W)
         labels = self.labels[index]  # int64 (B,)
+        if self.teacher_labels is not None:
+            labels = torch.stack([labels, self.teacher_labels[index]], dim=1)  # int64 (B, 2)
         config = self.augment
         generator = torch.Generator().manual_seed(batch_seed)
         if config.crop_padding or config.flip:
