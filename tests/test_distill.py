@@ -90,6 +90,17 @@ def test_the_teacher_learns_within_its_seconds_and_labels_every_image(images, mo
     assert "validation top-1" in report.summary() and "agree with" in report.summary()
 
 
+def test_the_teacher_trains_and_labels_under_bf16_autocast(images, monkeypatch):
+    """What a CPU with native bf16 (or a GPU) runs under --precision auto; emulated, and slower,
+    where the hardware has none, so this test runs the same path on either kind of machine."""
+    fake_clock(monkeypatch, 0.01)
+    data = load_data(str(images), val_size=30)
+    labels, _, report = teach(data.train, data.val, mean=data.mean, std=data.std, seconds=0.15, seed=0,
+                              device=torch.device("cpu"), bf16=True)
+    assert labels.shape == (len(data.train),) and labels.dtype == torch.int64
+    assert report.steps >= 10 and 0 <= labels.min() and labels.max() < 3
+
+
 def test_the_teacher_leaves_time_for_labelling_the_images(images, monkeypatch):
     data = load_data(str(images), val_size=30)
     steps = {}

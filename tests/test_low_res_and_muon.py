@@ -159,14 +159,17 @@ def test_half_size_and_muon_runs_resume_bit_identical(images, tmp_path):
     assert [r["val_loss"] for r in _rows(straight.run_dir)] == [r["val_loss"] for r in _rows(resumed.run_dir)]
 
 
+def _budget_run(images, out, budget: float, **overrides) -> tuple[dict, list[dict]]:
+    """A completed tiny fp32 --time-budget run without EMA: (config.json's "resolved", metrics rows)."""
+    result = vitlab.train(tiny_config(images, out, precision="fp32", time_budget=budget, ema_decay=None, **overrides))
+    assert result.status == "completed"
+    return json.loads((result.run_dir / "config.json").read_text())["resolved"], _rows(result.run_dir)
+
+
 def test_a_budget_run_with_a_half_size_start_ends_within_its_budget(images, tmp_path, monkeypatch):
     clock = fake_clock(monkeypatch, 0.01)
     budget = 6.0
-    result = vitlab.train(tiny_config(images, tmp_path / "run", precision="fp32", low_res=0.6, time_budget=budget,
-                                      batch_size=10, warmup_epochs=0.5, ema_decay=None))
-    assert result.status == "completed"
-    resolved = json.loads((result.run_dir / "config.json").read_text())["resolved"]
-    rows = _rows(result.run_dir)
+    resolved, rows = _budget_run(images, tmp_path / "run", budget, low_res=0.6, batch_size=10, warmup_epochs=0.5)
     half = sum(r["half_size_steps"] for r in rows)
     assert half == resolved["low_res_end"] > 0
     assert resolved["total_steps"] > half  # it ends at full size
@@ -183,11 +186,7 @@ def test_a_boundary_that_passes_while_the_budget_is_timed_keeps_the_run_its_leng
     clock = fake_clock(monkeypatch, 0.01)
     monkeypatch.setattr(train_module, "_low_res_saving", lambda job, images: 0.03)  # full size costs 3 ticks more
     budget = 8.0
-    result = vitlab.train(tiny_config(images, tmp_path / "run", precision="fp32", low_res=0.1, time_budget=budget,
-                                      batch_size=18, warmup_epochs=5, ema_decay=None))
-    assert result.status == "completed"
-    resolved = json.loads((result.run_dir / "config.json").read_text())["resolved"]
-    rows = _rows(result.run_dir)
+    resolved, rows = _budget_run(images, tmp_path / "run", budget, low_res=0.1, batch_size=18, warmup_epochs=5)
     assert sum(r["half_size_steps"] for r in rows) == resolved["low_res_end"] == 25  # frozen where timing ended
     assert resolved["total_steps"] > 100  # not 26
     assert clock["t"] <= budget * 1.05

@@ -143,8 +143,9 @@ def train_teacher(train_set: ImageSet, *, mean, std, seconds: float, seed: int, 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(images.contiguous(memory_format=layout))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=LABEL_SMOOTHING)
-            if not math.isfinite(loss.item()):  # .item() also waits for a GPU: the timing below is honest
-                raise RuntimeError(f"the distillation teacher's loss became {loss.item()} at step {step + 1} "
+            value = loss.item()  # the one host read of the step; it also waits for a GPU, so the timing is honest
+            if not math.isfinite(value):
+                raise RuntimeError(f"the distillation teacher's loss became {value} at step {step + 1} "
                                    f"(SGD at lr {PEAK_LR}); train without --distill")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -164,7 +165,7 @@ def train_teacher(train_set: ImageSet, *, mean, std, seconds: float, seed: int, 
                 total, timed_from = fitted, (step, now)
                 bar.total = total
             bar.update(1)
-            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+            bar.set_postfix_str(f"loss {value:.3f}", refresh=False)
             if total is not None and step >= total:
                 break
     bar.close()
