@@ -7,7 +7,7 @@ import pytest
 
 import vitlab
 from vitlab import checkpoint as ckpt
-from vitlab.budget import ema_decay_for, fit_total_steps, format_duration, parse_duration
+from vitlab.budget import ema_decay_for, evaluations, fit_total_steps, format_duration, parse_duration
 from vitlab.config import TrainConfig
 from vitlab.optim import learning_rate
 from tests.image_fixtures import make_image_folder, tiny_config
@@ -55,6 +55,23 @@ def test_fitted_run_spends_the_budget_on_steps_and_evaluations():
     assert after_one > fit_total_steps(budget, 300.0, per_epoch, step_s, per_epoch, eval_s)
     # a budget already spent still finishes the step in hand
     assert fit_total_steps(10.0, 40.0, done, step_s, per_epoch, eval_s) == done + 1
+
+
+def test_evaluating_every_few_epochs_buys_steps_where_evaluations_are_dear():
+    # epochs 3, 6 and the last one (7) are evaluated; a run of 6 epochs ends on an evaluated one
+    assert [evaluations(e, 3) for e in (1, 2, 3, 6, 7)] == [1, 1, 1, 2, 3]
+    assert [evaluations(e, 1) for e in (1, 7)] == [1, 7]
+    # a GPU-like run: 0.01 s a step, 44 steps (0.44 s) an epoch, 0.15 s per evaluation and save
+    budget, step_s, per_epoch, eval_s = 60.0 / (1 - 0.02), 0.01, 44, 0.15
+    every = {n: fit_total_steps(budget, 0.0, 0, step_s, per_epoch, eval_s, eval_every=n) for n in (1, 4)}
+    for n, total in every.items():
+        spent = total * step_s + evaluations(-(-total // per_epoch), n) * eval_s
+        assert 59.5 < spent <= 60.0  # all of the budget, never more
+    assert every[4] / every[1] > 1.2  # a quarter of each epoch went to its evaluation
+    # re-fitted after epoch 8 (two evaluations done, inside the elapsed time): counted once
+    later = fit_total_steps(budget, 8 * 0.44 + 2 * eval_s, 8 * per_epoch, step_s, per_epoch, eval_s,
+                            evaluations_done=2, eval_every=4)
+    assert abs(later - every[4]) <= 1
 
 
 def test_ema_horizon_shrinks_to_a_tenth_of_a_short_run():
@@ -127,6 +144,34 @@ def test_a_budget_run_counts_each_epochs_checkpoint_and_ends_within_the_budget(t
     # the whole run, started at 0 (it overran by 20% when saves were not counted); the fake clock
     # also ticks for bookkeeping outside any timed window, worth a fraction of a percent here
     assert clock["t"] <= budget * 1.01
+
+
+def test_a_budget_run_that_evaluates_every_few_epochs_trains_more_and_still_ends_in_time(tmp_path, monkeypatch):
+    """--eval-every 3 under a budget where each evaluation and checkpoint costs a (fake) second:
+    the saved seconds go into more epochs, and only epochs 3, 6, ... and the last are evaluated."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "images", per_class=40)
+    train_module = importlib.import_module("vitlab.train")
+    save = train_module.save_checkpoint
+    epochs = {}
+    for every in (1, 3):
+        clock = fake_clock(monkeypatch, 0.01)
+
+        def slow_save(*args, **kwargs):
+            clock["t"] += 1.0
+            return save(*args, **kwargs)
+
+        monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+        budget = 12.0
+        result = vitlab.train(tiny_config(data, tmp_path / f"run{every}", precision="fp32", time_budget=budget,
+                                          batch_size=8, warmup_epochs=0.2, ema_decay=None, eval_every=every))
+        assert result.status == "completed" and clock["t"] <= budget * 1.01
+        epochs[every] = result.epochs_completed
+        evaluated = [row["epoch"] for row in result.metrics if row.get("val_top1") is not None]
+        last = result.epochs_completed
+        assert evaluated == sorted({e for e in range(1, last + 1) if e % every == 0} | {last})
+        assert ckpt.read_metadata(tmp_path / f"run{every}" / "last.safetensors")["epoch"] == last
+    assert epochs[3] > epochs[1]
 
 
 def test_timing_runs_to_the_end_of_warmup_within_a_quarter_of_the_budget():

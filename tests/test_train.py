@@ -117,6 +117,25 @@ def test_stopped_then_resumed_run_ends_bit_identical(straight, tmp_path, capsys,
     assert [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
 
 
+def test_evaluating_every_other_epoch_trains_the_same_and_resumes_bit_identical(straight, tmp_path, capsys):
+    """--eval-every 2 on the 3-epoch run: epoch 2 and the last are evaluated and checkpointed, epoch
+    1 is not; the training itself is the same, and a stopped and resumed run ends bit-identical."""
+    data, uninterrupted = straight
+    every = vitlab.train(tiny_config(data, tmp_path / "every", precision="fp32", eval_every=2))
+    assert [r.get("val_top1") is not None for r in every.metrics] == [False, True, True]
+    assert every.metrics[0]["best_val_top1"] is None
+    assert [r["train_loss"] for r in every.metrics] == [r["train_loss"] for r in uninterrupted.metrics]
+    assert every.metrics[-1]["val_top1"] == uninterrupted.metrics[-1]["val_top1"]
+    assert (tmp_path / "every" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 1 |" not in (tmp_path / "every" / "model-card.md").read_text()  # only evaluated epochs listed
+    # stopped at the end of epoch 1, which --eval-every 2 would skip: a stop is evaluated and saved
+    broken = vitlab.train(tiny_config(data, tmp_path / "run", precision="fp32", eval_every=2, max_steps=3))
+    assert broken.status == "stopped" and broken.metrics[0]["val_top1"] is not None
+    resumed = vitlab.train(resume=str(tmp_path / "run"))
+    assert resumed.status == "completed" and [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
+    assert_same_run(uninterrupted.run_dir, resumed.run_dir)
+
+
 def test_max_steps_on_the_last_step_completes_the_run(images, tmp_path):
     result = vitlab.train(tiny_config(images, tmp_path / "run", epochs=1, max_steps=3))
     assert result.status == "completed" and result.epochs_completed == 1
@@ -253,6 +272,7 @@ def test_config_precedence_preset_then_file_then_flags(tmp_path):
     ("warmup_epochs", math.nan, "warmup_epochs must be a finite number"),
     ("max_steps", 0, "max_steps must be a whole number >= 1"),
     ("epochs", 0, "epochs must be a whole number >= 1"),
+    ("eval_every", 0, "eval_every must be a whole number >= 1"),
     ("ema_decay", 1.0, r"ema_decay must be in \(0, 1\)"),
     ("layer_decay", 0.0, r"layer_decay must be in \(0, 1\]"),
     ("precision", "fp16", "precision must be"),

@@ -63,15 +63,21 @@ def low_res_end(total_steps: int, fraction: float) -> int:
     return round(fraction * total_steps)
 
 
+def evaluations(epochs: int, eval_every: int) -> int:
+    """How many of a run's first `epochs` epochs end with an evaluation (and checkpoint) when it
+    evaluates every `eval_every` epochs and after its last one, `epochs` being the last."""
+    return epochs // eval_every + (1 if epochs % eval_every else 0)
+
+
 def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: float,
                     steps_per_epoch: int, eval_s_per_epoch: float, evaluations_done: int = 0,
-                    low_res: tuple[float, float] | None = None) -> int:
+                    low_res: tuple[float, float] | None = None, eval_every: int = 1) -> int:
     """How many optimizer steps the whole run can take so that it ends within `budget_s`.
 
     elapsed_s: wall time spent so far (data loading, the steps_done steps); step_s: measured
-    seconds per optimizer step; eval_s_per_epoch: seconds of the evaluation that ends each epoch
-    (the last, partial epoch is evaluated too); evaluations_done of them are inside elapsed_s
-    already. low_res: (fraction, seconds per half-size step) when the first low_res_end(total,
+    seconds per optimizer step; eval_s_per_epoch: seconds of one evaluation (and checkpoint),
+    which ends every `eval_every`-th epoch and the last, partial one; evaluations_done of them
+    are inside elapsed_s already. low_res: (fraction, seconds per half-size step) when the first low_res_end(total,
     fraction) steps train at half size; step_s is then a full-size step's time. Never fewer
     steps than already done plus one.
     """
@@ -82,9 +88,9 @@ def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: 
     low_step_s = min(step_s, max(low_step_s, step_s / 16))
 
     def cost(total: int) -> float:  # seconds from now until a run of `total` steps has ended
-        evaluations = max(0, math.ceil(total / steps_per_epoch) - evaluations_done)
+        pending = max(0, evaluations(math.ceil(total / steps_per_epoch), eval_every) - evaluations_done)
         cheap = max(0, low_res_end(total, fraction) - steps_done)  # grows slower than total: monotone
-        return (total - steps_done) * step_s - cheap * (step_s - low_step_s) + evaluations * eval_s_per_epoch
+        return (total - steps_done) * step_s - cheap * (step_s - low_step_s) + pending * eval_s_per_epoch
 
     # cost() only grows with `total`, so the longest run that fits is found by bisection (a fixed
     # point of steps -> epochs -> evaluations can oscillate when an epoch's end costs more than

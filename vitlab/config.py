@@ -86,6 +86,9 @@ class TrainConfig:
               "fitted to end with the budget", parse=parse_duration, metavar="DURATION")
     batch_size: int = option(128, "global batch size (split among torchrun processes)")
     eval_batch_size: int = option(500, "batch size for the validation pass")
+    eval_every: int = option(1, "evaluate and checkpoint every N epochs and after the last one (on a fast GPU "
+                                "an epoch lasts seconds and its evaluation and checkpoint a quarter of that; "
+                                "a resume redoes at most N - 1 epochs)", metavar="N")
     lr: float = option(1e-3, "peak learning rate, reached after warmup")
     min_lr: float = option(1e-5, "learning rate at the last step")
     schedule: str = option("cosine", "decay from the peak to --min-lr after warmup: cosine or linear",
@@ -167,7 +170,7 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "subset", "sync_every", "max_steps"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "eval_every", "subset", "sync_every", "max_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")

@@ -40,7 +40,9 @@ def _is_int(value) -> bool:
 
 def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """32 -> (32, 32); (32, 48) or [32, 48] -> (32, 48). Sizes must be positive whole numbers."""
-    pair = (size, size) if _is_int(size) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    # the tuple test first: torch 2.11's dynamo turns _is_int's TypeError on a tuple into an internal
+    # error, so `vitlab train --compile` failed at its first step there
+    pair = tuple(size) if isinstance(size, (tuple, list)) else (size, size) if _is_int(size) else ()
     if len(pair) != 2 or not all(_is_int(s) and s >= 1 for s in pair):
         raise ValueError(f"image size must be a positive int or (height, width), got {size!r}")
     return int(pair[0]), int(pair[1])

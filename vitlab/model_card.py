@@ -117,7 +117,8 @@ def model_card(classifier: Classifier, *, title: str, intro: str, usage: list[st
     if recorded:
         lines.append(f"- Recorded with the weights when they were published: {', '.join(recorded)}.")
     if run is not None and run.metrics:
-        rows = run.metrics
+        # with --eval-every only some epochs were evaluated: show those
+        rows = [r for r in run.metrics if r.get("val_top1") is not None] or run.metrics
         shown = rows if len(rows) <= 8 else rows[:2] + [r for r in rows if r["epoch"] == run.best_epoch] + rows[-2:]
         lines += ["", "Per epoch (metrics.jsonl" + (", first, best and last epochs" if len(rows) > 8 else "") + "):",
                   "", "| epoch | val top-1 | EMA val top-1 | train loss |", "| --- | --- | --- | --- |"]

@@ -35,14 +35,18 @@ def plot_curves(metrics: list[dict], path: str | Path) -> Path:
     fig = _figure(figsize=(10, 4), layout="tight")
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train")
-    if metrics and metrics[0].get("val_loss") is not None:
-        ax_loss.plot(epochs, [m["val_loss"] for m in metrics], "o-", label="val")
+
+    def evaluated(ax, key: str, style: str, label: str) -> None:
+        # validation figures exist only for the epochs that were evaluated (--eval-every)
+        points = [(m["epoch"], m[key]) for m in metrics if m.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+
+    evaluated(ax_loss, "val_loss", "o-", "val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.plot(epochs, [m["train_top1"] for m in metrics], "o-", label="train (augmented)")
-    if metrics and metrics[0].get("val_top1") is not None:
-        ax_acc.plot(epochs, [m["val_top1"] for m in metrics], "o-", label="val")
-    if metrics and metrics[0].get("ema_val_top1") is not None:
-        ax_acc.plot(epochs, [m["ema_val_top1"] for m in metrics], "o--", label="val, EMA weights")
+    evaluated(ax_acc, "val_top1", "o-", "val")
+    evaluated(ax_acc, "ema_val_top1", "o--", "val, EMA weights")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

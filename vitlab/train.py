@@ -460,7 +460,8 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
                 save_checkpoint(job, progress)
                 status = reason
                 break
-            row = finish_epoch(job, progress)
+            reason = reason or ("interrupted" if stop.anywhere(runtime) else None)
+            row = finish_epoch(job, progress, last=reason is not None or job.done(progress))
             if runtime.is_main:
                 metrics.append(row)
                 rundir.append_metrics(run_dir, row)
@@ -468,7 +469,6 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
                 if job.tensorboard is not None:
                     job.tensorboard.epoch(row)
                 log(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
-            reason = reason or ("interrupted" if stop.anywhere(runtime) else None)
             if reason and not job.done(progress):
                 status = reason
                 break
@@ -674,7 +674,7 @@ def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = Non
         job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget * (1 - config.distill))
     if progress.global_step < job.calibration_end:
         return
-    eval_s = _evaluation_seconds(job) + job.save_s  # each epoch ends with an evaluation and a save
+    eval_s = _evaluation_seconds(job) + job.save_s  # each evaluation comes with a save
     saving = _low_res_saving(job, full_size) if full_size is not None else 0.0
     elapsed = time.perf_counter() - job.started  # the timed evaluation batch and passes included
     # every process fits from the same figures (the slowest's), so all stop at the same step
@@ -684,7 +684,7 @@ def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = Non
     job.low_res_saving_s, job.end_s = saving, eval_s
     low_res = (config.low_res, step_s) if full_size is not None else None
     total = fit_total_steps(config.time_budget, elapsed, progress.global_step, step_s + saving,
-                            job.steps_per_epoch, eval_s, low_res=low_res)
+                            job.steps_per_epoch, eval_s, low_res=low_res, eval_every=config.eval_every)
     job.total_steps = progress.total_steps = total
     if low_res is not None and low_res_end(total, config.low_res) <= progress.global_step:
         progress.low_res_end = progress.global_step  # the boundary passed while timing: full size from here
@@ -731,15 +731,18 @@ def _low_res_saving(job: Job, images: torch.Tensor) -> float:
     return max(0.0, saving)
 
 
-def refit_budget(job: Job, progress: Progress, eval_s: float) -> None:
-    """Under a time budget, at the end of each epoch (evaluated, not yet saved): this epoch's own
-    pace (every step's share of batching, EMA updates and logging, which warmup's timing may not
-    show), its evaluation's real cost and the last checkpoint's fix the run's length again, so the
-    run still ends with the budget. On a fast machine an epoch's checkpoint can cost as much as
-    its steps, so each epoch end counts one evaluation and one save, this epoch's save included."""
+def refit_budget(job: Job, progress: Progress, eval_s: float | None) -> None:
+    """Under a time budget, at the end of each epoch (evaluated, not yet saved; eval_s None when
+    --eval-every skipped this one): this epoch's own pace (every step's share of batching, EMA
+    updates and logging, which warmup's timing may not show), its evaluation's real cost and the
+    last checkpoint's fix the run's length again, so the run still ends with the budget. On a fast
+    machine an epoch's checkpoint can cost as much as its steps, so each evaluation is counted with
+    one save, this epoch's save included."""
+    evaluated = eval_s is not None
     total, step_s = _fit_again(job, progress, progress.step_in_epoch, progress.partial["seconds"],
-                               end_s=eval_s + job.save_s, evaluations_done=progress.epoch + 1,
-                               pending_s=job.save_s)  # this epoch's save is still to come
+                               end_s=eval_s + job.save_s if evaluated else job.end_s,
+                               evaluations_done=(progress.epoch + 1) // job.config.eval_every,
+                               pending_s=job.save_s if evaluated else 0.0)  # this epoch's save is to come
     if total != job.total_steps:
         job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
                 f"(was {job.total_steps:,})")
@@ -752,7 +755,8 @@ def refit_mid_epoch(job: Job, progress: Progress, steps: int, seconds: float) ->
     (at a host sync, at least REFIT_MIN_STEPS steps apart): the pace of those steps fixes the run's
     length again. An epoch on a 2-core CPU lasts minutes, and a machine that slows down
     in the last one (another program starts, the CPU throttles) would otherwise overrun."""
-    total, _ = _fit_again(job, progress, steps, seconds, end_s=job.end_s, evaluations_done=progress.epoch)
+    total, _ = _fit_again(job, progress, steps, seconds, end_s=job.end_s,
+                          evaluations_done=progress.epoch // job.config.eval_every)
     if total != job.total_steps:
         job.total_steps = progress.total_steps = total
         _record_length(job, total)
@@ -773,7 +777,8 @@ def _fit_again(job: Job, progress: Progress, steps: int, seconds: float, end_s: 
     low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
                if job.config.low_res and progress.low_res_end is None else None)
     total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step, step_s, job.steps_per_epoch,
-                            end_s, evaluations_done=evaluations_done, low_res=low_res)
+                            end_s, evaluations_done=evaluations_done, low_res=low_res,
+                            eval_every=job.config.eval_every)
     return total, step_s
 
 
@@ -808,23 +813,25 @@ def _evaluation_seconds(job: Job) -> float:
     return seconds * len(job.val_loader) * (2 if job.ema is not None else 1)
 
 
-def finish_epoch(job: Job, progress: Progress) -> dict:
-    """The end of an epoch: train metrics summed over processes, evaluation of the model and its
-    EMA, checkpoints; moves `progress` to the next epoch and returns the epoch's metrics row."""
+def finish_epoch(job: Job, progress: Progress, last: bool) -> dict:
+    """The end of an epoch: train metrics summed over processes; on every --eval-every-th epoch
+    and the `last` one (the run's, or where it stops), evaluation of the model and its EMA and the
+    checkpoints. Moves `progress` to the next epoch and returns the epoch's metrics row."""
     runtime, partial = job.runtime, progress.partial
+    checkpointed = last or (progress.epoch + 1) % job.config.eval_every == 0
     sums = all_reduce_sum(torch.tensor([partial["loss"], partial["correct"], partial["seen"]],
                                        dtype=torch.float64), runtime)
     row = {"epoch": progress.epoch + 1, "train_loss": float(sums[0] / sums[2]),
            "train_top1": float(sums[1] / sums[2]), "lr": job.lr(progress.global_step - 1)}
     scores = {}
     evaluation_start = time.perf_counter()
-    if job.val_loader is not None:
+    if job.val_loader is not None and checkpointed:
         scores.update(validate(job, job.model, prefix=""))
         if job.ema is not None:
             scores.update(validate(job, job.ema.copy_of(job.model), prefix="ema_"))
     if job.calibration_start is not None and job.total_steps is not None and not job.done(progress):
         # a budget run that timed itself (not one resumed after that: it keeps the saved length)
-        refit_budget(job, progress, time.perf_counter() - evaluation_start)
+        refit_budget(job, progress, time.perf_counter() - evaluation_start if checkpointed else None)
     row.update(scores)
     if job.config.low_res:
         row["half_size_steps"] = job.half_size_steps(progress, since=progress.global_step - progress.step_in_epoch)
@@ -837,6 +844,9 @@ def finish_epoch(job: Job, progress: Progress) -> dict:
         raise TrainingDiverged(f"{', '.join(bad)} at the end of epoch {row['epoch']}; {_what_was_kept(job)}. "
                                f"{DIVERGED_ADVICE}")
     progress.next_epoch()
+    if not checkpointed:  # nothing saved: a resume goes back to the last checkpointed epoch
+        row["best_val_top1"] = progress.best_val_top1
+        return row
     save_start = time.perf_counter()
     save_checkpoint(job, progress, scores, row)
     job.save_s = time.perf_counter() - save_start
