@@ -174,6 +174,31 @@ def test_a_budget_run_that_evaluates_every_few_epochs_trains_more_and_still_ends
     assert epochs[3] > epochs[1]
 
 
+def test_the_evaluation_estimate_times_a_warm_call_not_the_first(monkeypatch):
+    """The first forward at the validation batch size picks kernels; timing that call made a GPU
+    budget run plan a third of its steps until the first evaluated epoch corrected it."""
+    import types
+
+    import torch
+
+    train_module = importlib.import_module("vitlab.train")
+    clock = fake_clock(monkeypatch, 0.0)
+    calls = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            clock["t"] += 5.0 if len(calls) == 1 else 0.1  # a cold first call, then warm ones
+            return x
+
+    batches = [(torch.zeros(50, 3, 8, 8), torch.zeros(50))] * 4  # a loader of 4 batches
+    job = types.SimpleNamespace(val_loader=batches, model=Model(), ema=object(),
+                                runtime=types.SimpleNamespace(device=torch.device("cpu"), bf16=False))
+    # 4 batches, the model and its EMA: 8 warm calls of 0.1 s
+    assert train_module._evaluation_seconds(job) == pytest.approx(0.8)
+    assert len(calls) == 2
+
+
 def test_timing_runs_to_the_end_of_warmup_within_a_quarter_of_the_budget():
     from vitlab.budget import calibration_end
 

@@ -23,7 +23,7 @@ def test_the_shipped_file_is_small_half_precision_and_says_where_it_came_from():
     assert meta["preprocessing"]["image_size"] == [32, 32] and len(meta["preprocessing"]["mean"]) == 3
     assert meta["dtype"] == "float16"
     provenance = meta["provenance"]
-    assert provenance["val_top1"] >= 0.89 and "vitlab train --preset lite" in provenance["commands"][0]
+    assert provenance["val_top1"] >= 0.90 and "vitlab train --preset lite" in provenance["commands"][0]
     assert provenance["training_minutes"] <= 150
     from safetensors import safe_open
 
@@ -62,12 +62,12 @@ def _held_out(archive):
 @pytest.mark.slow
 def test_the_shipped_model_classifies_held_out_cifar10_images(cifar_jpeg_archive):
     """Every fifth of the 5,000 validation images the model never trained on (100 per class): the
-    model card says 89.8% on all 5,000; 1,000 images leave about +-1 point of sampling noise."""
+    model card says 90.3% on all 5,000; 1,000 images leave about +-1 point of sampling noise."""
     images, labels = _held_out(cifar_jpeg_archive)
     images, labels = images[::5], labels[::5]
     classifier = vitlab.load()
     predicted = torch.cat([classifier.probabilities(images[i:i + 250]).argmax(1) for i in range(0, 1000, 250)])
-    assert (predicted == labels).float().mean().item() >= 0.87
+    assert (predicted == labels).float().mean().item() >= 0.88
 
 
 @pytest.fixture(scope="module")
