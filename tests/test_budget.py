@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 
 import pytest
 
@@ -210,6 +211,29 @@ def test_timing_runs_to_the_end_of_warmup_within_a_quarter_of_the_budget():
 def test_a_run_too_short_for_its_warmup_still_ends_at_the_floor():
     assert learning_rate(1, 2, 1, 1.0, 0.0, "linear") == 0.0
     assert learning_rate(1, 2, 1, 1.0, 0.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_re_fitted_length_also_re_fits_the_ema_horizon(tmp_path, monkeypatch, capsys):
+    """A machine that speeds up after the first fit (a GPU's first steps are slower) trains more
+    steps than first planned: the EMA's horizon follows the length, not the first estimate."""
+    monkeypatch.setenv("VITLAB_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "images", per_class=60)
+    clock = {"t": 0.0}
+
+    def tick():  # 0.04 s a call, then four times faster from t = 3 s on
+        clock["t"] += 0.04 if clock["t"] < 3.0 else 0.01
+        return clock["t"]
+
+    monkeypatch.setattr(importlib.import_module("vitlab.train").time, "perf_counter", tick)
+    result = vitlab.train(tiny_config(data, tmp_path / "run", precision="fp32", time_budget=12.0, batch_size=1,
+                                      eval_batch_size=30, warmup_epochs=0.1, ema_decay=0.9999))
+    assert result.status == "completed"
+    first = int(re.search(r"-> ([\d,]+) steps", capsys.readouterr().out)[1].replace(",", ""))
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["total_steps"] > 1.5 * first  # the faster pace bought more steps
+    assert resolved["ema_decay"] == ema_decay_for(resolved["total_steps"], 0.9999) > ema_decay_for(first, 0.9999)
+    state = ckpt.load_training_state(tmp_path / "run" / ckpt.STATE_FILE)
+    assert state["ema"]["decay"] == resolved["ema_decay"]
 
 
 def test_a_machine_that_slows_down_mid_epoch_still_ends_within_the_budget(tmp_path, monkeypatch):

@@ -688,13 +688,10 @@ def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = Non
     job.total_steps = progress.total_steps = total
     if low_res is not None and low_res_end(total, config.low_res) <= progress.global_step:
         progress.low_res_end = progress.global_step  # the boundary passed while timing: full size from here
-    if job.ema is not None:
-        job.ema.decay = ema_decay_for(total, config.ema_decay)
-    job.resolved.update(seconds_per_step=round(step_s + saving, 5),
-                        ema_decay=job.ema.decay if job.ema is not None else None)
+    job.resolved.update(seconds_per_step=round(step_s + saving, 5))
     if low_res is not None:
         job.resolved.update(seconds_per_half_size_step=round(step_s, 5), low_res_end=job.low_res_until(progress))
-    _record_length(job, total)
+    _record_length(job, total)  # sets the EMA's horizon too
     job.log(f"time budget {format_duration(config.time_budget)}: {1 / (step_s + saving):.1f} steps/s measured -> "
             f"{total:,} steps ({total / job.steps_per_epoch:.1f} epochs), {config.schedule} decay to "
             f"{config.min_lr:g} at the last step"
@@ -789,7 +786,12 @@ def _write_config(job: Job) -> None:
 
 
 def _record_length(job: Job, total_steps: int) -> None:
-    """A budget run's length goes into config.json's "resolved" as soon as it is fixed."""
+    """A budget run's length, fixed or re-fitted, sets the EMA's horizon (a tenth of the run at
+    most) and goes into config.json's "resolved" at once. A GPU's first steps can run at half the
+    later pace, and a first fit that short left the EMA averaging over a third of what it should."""
+    if job.ema is not None:
+        job.ema.decay = ema_decay_for(total_steps, job.config.ema_decay)
+        job.resolved["ema_decay"] = job.ema.decay
     job.resolved["total_steps"] = total_steps
     if job.runtime.is_main:
         _write_config(job)
