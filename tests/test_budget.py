@@ -182,7 +182,7 @@ def test_the_evaluation_estimate_times_a_warm_call_not_the_first(monkeypatch):
 
     import torch
 
-    train_module = importlib.import_module("vitlab.train")
+    pacing = importlib.import_module("vitlab.pacing")
     clock = fake_clock(monkeypatch, 0.0)
     calls = []
 
@@ -196,7 +196,7 @@ def test_the_evaluation_estimate_times_a_warm_call_not_the_first(monkeypatch):
     job = types.SimpleNamespace(val_loader=batches, model=Model(), ema=object(),
                                 runtime=types.SimpleNamespace(device=torch.device("cpu"), bf16=False))
     # 4 batches, the model and its EMA: 8 warm calls of 0.1 s
-    assert train_module._evaluation_seconds(job) == pytest.approx(0.8)
+    assert pacing.evaluation_seconds(job) == pytest.approx(0.8)
     assert len(calls) == 2
 
 

@@ -184,7 +184,8 @@ def test_a_boundary_that_passes_while_the_budget_is_timed_keeps_the_run_its_leng
     from round(0.1 * total) instead, the epoch's pace looked like a full step's, a half-size step
     came out at a negative cost, and the run stopped one step later, at a quarter of its budget."""
     clock = fake_clock(monkeypatch, 0.01)
-    monkeypatch.setattr(train_module, "_low_res_saving", lambda job, images: 0.03)  # full size costs 3 ticks more
+    pacing = importlib.import_module("vitlab.pacing")
+    monkeypatch.setattr(pacing, "_low_res_saving", lambda job, images: 0.03)  # full size costs 3 ticks more
     budget = 8.0
     resolved, rows = _budget_run(images, tmp_path / "run", budget, low_res=0.1, batch_size=18, warmup_epochs=5)
     assert sum(r["half_size_steps"] for r in rows) == resolved["low_res_end"] == 25  # frozen where timing ended

@@ -5,7 +5,8 @@
 
 The recipe: AdamW (or Muon for the blocks' matrices) with warmup and a cosine or linear decay,
 label smoothing, gradient clipping, a weight EMA (vitlab.optim); a length fitted to a time budget
-(vitlab.budget); optionally a half-size start and a CNN teacher's labels (vitlab.teacher); bf16
+while it trains (vitlab.pacing, with vitlab.budget's arithmetic); the run's state in vitlab.job
+(Job, Progress); optionally a half-size start and a CNN teacher's labels (vitlab.teacher); bf16
 autocast where the hardware has it (vitlab.precision); DDP under torchrun (vitlab.runtime); a run
 directory with everything needed to reproduce the run (vitlab.rundir).
 
@@ -31,7 +32,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,17 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import rundir
-from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_START, REFIT_EVERY, REFIT_FRACTION, REFIT_MIN_STEPS,
-                     calibration_end, ema_decay_for, fit_total_steps, format_duration, low_res_end)
+from .budget import REFIT_EVERY, REFIT_FRACTION, REFIT_MIN_STEPS, format_duration
 from .config import TrainConfig, resume_config, train_preset
-from .data import BatchLoader, DataSplits, ImageSet, augment_preset, load_data
+from .data import BatchLoader, augment_preset, load_data
 from .data.loader import derive_seed
 from .evaluate import evaluate
 from .teacher import load_teacher_labels, save_teacher, teach
 from .tensorboard_log import TensorBoardLog, require_tensorboard
 from .model import ViTConfig, VisionTransformer
-from .optim import WeightEMA, freeze_backbone, learning_rate, make_optimizer, set_learning_rate
+from .job import Job, Progress, write_config
+from .optim import WeightEMA, freeze_backbone, make_optimizer, set_learning_rate
+from .pacing import calibrate, refit_budget, refit_mid_epoch
 from .presets import preset_config
 from .runtime import (
     Runtime, all_gather_object, all_reduce_sum, barrier, describe_environment, setup_runtime, shutdown,
@@ -149,98 +150,6 @@ def balanced_subset_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
         per_class_rank[members] = torch.arange(int(members.sum()))
     order = torch.argsort(per_class_rank * (int(labels.max()) + 1) + labels, stable=True)
     return order[:n]
-
-
-@dataclass
-class Progress:
-    """Where a run is: saved in every state file, and where a resumed run starts."""
-
-    epoch: int = 0  # the epoch being trained, from 0
-    step_in_epoch: int = 0  # optimizer steps done in it
-    global_step: int = 0
-    best_val_top1: float | None = None
-    # the epoch's running sums so far (loss * images, correct, images, seconds)
-    partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
-    total_steps: int | None = None  # the run's length; fixed after calibration under a time budget
-    low_res_end: int | None = None  # --low-res: the first full-size step, fixed once it is reached
-
-    @classmethod
-    def from_state(cls, state: dict) -> "Progress":
-        return cls(state["epoch"], state["step_in_epoch"], state["global_step"], state["best_val_top1"],
-                   dict(state["partial_epoch"]), state.get("total_steps"), state.get("low_res_end"))
-
-    def next_epoch(self) -> None:
-        self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self.partial = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
-
-
-@dataclass
-class Job:
-    """Everything a run builds before its first step."""
-
-    config: TrainConfig
-    runtime: Runtime
-    run_dir: Path
-    data: DataSplits
-    train_set: ImageSet
-    model: VisionTransformer
-    train_model: nn.Module  # the model, wrapped in DDP and/or torch.compile when asked
-    optimizer: torch.optim.Optimizer
-    ema: WeightEMA | None
-    train_loader: BatchLoader
-    val_loader: BatchLoader | None
-    resolved: dict  # what was derived from the config, saved in config.json
-    steps_per_epoch: int
-    warmup_steps: int
-    sync_every: int  # optimizer steps between host reads of the loss
-    started: float  # time.perf_counter() when train() was called
-    total_steps: int | None = None  # None until a time-budget run has measured this machine's speed
-    calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
-    calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
-    save_s: float = 0.0  # seconds the last end-of-epoch checkpoint took (a budget counts it per epoch)
-    low_res_saving_s: float = 0.0  # --low-res under a budget: a full-size step's extra seconds, measured
-    end_s: float = 0.0  # under a budget: the expected seconds of each epoch's evaluation and save
-    metrics: list[dict] = field(default_factory=list)  # the finished epochs' rows (rank 0), kept in the state
-    tensorboard: Any = None  # vitlab.tensorboard_log.TensorBoardLog with --log tensorboard (rank 0)
-    last_evaluation: dict = field(default_factory=dict)  # "" / "ema_" -> the last epoch's EvalResult
-
-    def lr(self, step: int) -> float:
-        # before a budget run knows its length, the schedule is warmup, then the peak
-        total = self.total_steps or 2**62
-        warmup = self.warmup_steps
-        if self.config.time_budget and self.total_steps is not None:
-            warmup = min(warmup, max(1, self.total_steps // 5))  # a short budget: warmup <= a fifth
-        return learning_rate(step, total, warmup, self.config.lr, self.config.min_lr, self.config.schedule)
-
-    @property
-    def epochs(self) -> int | None:
-        return None if self.total_steps is None else math.ceil(self.total_steps / self.steps_per_epoch)
-
-    def done(self, progress: "Progress") -> bool:
-        return self.total_steps is not None and progress.global_step >= self.total_steps
-
-    def half_size_steps(self, progress: "Progress", since: int) -> int:
-        """How many of the steps from global step `since` to now trained at half size: all of them
-        until the first full-size step has run (the boundary is fixed then), whatever a re-fit of
-        the length has since made round(low_res * total) say."""
-        if not self.config.low_res:
-            return 0
-        until = progress.global_step if progress.low_res_end is None else progress.low_res_end
-        return max(0, min(until, progress.global_step) - since)
-
-    def low_res_until(self, progress: "Progress") -> int:
-        """--low-res: steps before this one train on half-size images. Before a budget run knows
-        its length every step does; once the first full-size step is reached, the boundary is fixed
-        (a later re-fit of the budget changes the length of the full-size part only)."""
-        if not self.config.low_res:
-            return 0
-        if progress.low_res_end is not None:
-            return progress.low_res_end
-        return 2**62 if self.total_steps is None else low_res_end(self.total_steps, self.config.low_res)
-
-    def log(self, message: str) -> None:
-        if self.runtime.is_main:
-            print(message, flush=True)
 
 
 class StopOnInterrupt:
@@ -430,7 +339,7 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
         rundir.write_metrics_csv(run_dir, metrics)
         if config.log == "tensorboard":
             job.tensorboard = TensorBoardLog(run_dir, resumed_step=progress.global_step if state else 0)
-        _write_config(job)
+        write_config(job)
         rundir.write_environment(run_dir, describe_environment(runtime))
         if state is not None:
             where = f"epoch {progress.epoch + 1}" + (f", step {progress.step_in_epoch}"
@@ -507,7 +416,7 @@ def train_the_teacher(job: Job) -> None:
     job.log(report.summary())
     save_teacher(job.run_dir / rundir.TEACHER_FILE, teacher, labels, job.train_set, report)
     job.resolved["teacher"] = {**asdict(report), "widths": list(teacher.widths)}
-    _write_config(job)
+    write_config(job)
     job.train_loader.set_teacher_labels(labels)
 
 
@@ -573,7 +482,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
                 progress.low_res_end = progress.global_step  # the first full-size step: fixed from here
                 job.resolved["low_res_end"] = progress.global_step
                 if runtime.is_main:
-                    _write_config(job)
+                    write_config(job)
             full_size = images
             if low_res:
                 # EfficientTrain's low-frequency start: a 2x2 average keeps what a half-size image
@@ -645,178 +554,6 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
         if bar is not None:
             bar.close()
     return None
-
-
-def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = None) -> None:
-    """Under a time budget: times optimizer steps from CALIBRATION_START to the end of warmup
-    (vitlab.budget.calibration_end) and one validation batch, then fixes the run's length
-    (vitlab.budget.fit_total_steps) and the EMA's horizon. Every process calls it after every
-    step until then; they agree on the slowest one's speed, so they stop at the same step.
-    full_size: the step's batch at full size when it trained at half size (--low-res): what a
-    full-size step costs more is then measured on it."""
-    runtime, config = job.runtime, job.config
-    if runtime.device.type == "cuda":
-        torch.cuda.synchronize(runtime.device)
-    now = time.perf_counter()
-    if job.calibration_start is None:
-        if progress.global_step >= CALIBRATION_START:
-            job.calibration_start = (progress.global_step, now)
-        return
-    first_step, first_time = job.calibration_start
-    timed = progress.global_step - first_step
-    step_s = (now - first_time) / max(timed, 1)
-    if job.calibration_end is None:
-        if timed < CALIBRATION_MIN_STEPS:
-            return
-        # the slowest process sets the pace (all_reduce has no max on every backend: gather)
-        step_s = max(all_gather_object(step_s, runtime))
-        # the ViT's own share of the budget: a teacher (--distill) took its part before the first step
-        job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget * (1 - config.distill))
-    if progress.global_step < job.calibration_end:
-        return
-    eval_s = _evaluation_seconds(job) + job.save_s  # each evaluation comes with a save
-    saving = _low_res_saving(job, full_size) if full_size is not None else 0.0
-    elapsed = time.perf_counter() - job.started  # the timed evaluation batch and passes included
-    # every process fits from the same figures (the slowest's), so all stop at the same step
-    step_s, eval_s, saving, elapsed = (max(values) for values in zip(*all_gather_object(
-        (step_s, eval_s, saving, elapsed), runtime)))
-    # step_s timed half-size steps when --low-res is on: a full-size one costs `saving` more
-    job.low_res_saving_s, job.end_s = saving, eval_s
-    low_res = (config.low_res, step_s) if full_size is not None else None
-    total = fit_total_steps(config.time_budget, elapsed, progress.global_step, step_s + saving,
-                            job.steps_per_epoch, eval_s, low_res=low_res, eval_every=config.eval_every)
-    job.total_steps = progress.total_steps = total
-    if low_res is not None and low_res_end(total, config.low_res) <= progress.global_step:
-        progress.low_res_end = progress.global_step  # the boundary passed while timing: full size from here
-    job.resolved.update(seconds_per_step=round(step_s + saving, 5))
-    if low_res is not None:
-        job.resolved.update(seconds_per_half_size_step=round(step_s, 5), low_res_end=job.low_res_until(progress))
-    _record_length(job, total)  # sets the EMA's horizon too
-    job.log(f"time budget {format_duration(config.time_budget)}: {1 / (step_s + saving):.1f} steps/s measured -> "
-            f"{total:,} steps ({total / job.steps_per_epoch:.1f} epochs), {config.schedule} decay to "
-            f"{config.min_lr:g} at the last step"
-            + (f", EMA decay {job.ema.decay:.4f}" if job.ema is not None else "")
-            + (f"; the first {job.low_res_until(progress):,} at half size ({1 / step_s:.1f} steps/s)"
-               if low_res is not None else ""))
-
-
-def _low_res_saving(job: Job, images: torch.Tensor) -> float:
-    """Seconds a full-size step costs more than a half-size one (--low-res under a budget): forward
-    and backward of the same batch at both sizes, timed three times each, the fastest kept (the
-    optimizer step, clipping and EMA cost the same at both sizes). The random stream is restored
-    and the gradients dropped, so the run goes on as if it had not been timed."""
-    runtime, model = job.runtime, job.model
-
-    def seconds(batch: torch.Tensor, half: bool) -> float:
-        times = []
-        for _ in range(3):
-            if runtime.device.type == "cuda":
-                torch.cuda.synchronize(runtime.device)
-            start = time.perf_counter()
-            with (torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.bf16),
-                  model.any_image_size() if half else contextlib.nullcontext()):
-                logits = job.train_model(batch)
-            logits.float().square().mean().backward()
-            if runtime.device.type == "cuda":
-                torch.cuda.synchronize(runtime.device)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
-        saving = seconds(images, half=False) - seconds(F.avg_pool2d(images, 2), half=True)
-    job.optimizer.zero_grad(set_to_none=True)
-    return max(0.0, saving)
-
-
-def refit_budget(job: Job, progress: Progress, eval_s: float | None) -> None:
-    """Under a time budget, at the end of each epoch (evaluated, not yet saved; eval_s None when
-    --eval-every skipped this one): this epoch's own pace (every step's share of batching, EMA
-    updates and logging, which warmup's timing may not show), its evaluation's real cost and the
-    last checkpoint's fix the run's length again, so the run still ends with the budget. On a fast
-    machine an epoch's checkpoint can cost as much as its steps, so each evaluation is counted with
-    one save, this epoch's save included."""
-    evaluated = eval_s is not None
-    total, step_s = _fit_again(job, progress, progress.step_in_epoch, progress.partial["seconds"],
-                               end_s=eval_s + job.save_s if evaluated else job.end_s,
-                               evaluations_done=(progress.epoch + 1) // job.config.eval_every,
-                               pending_s=job.save_s if evaluated else 0.0)  # this epoch's save is to come
-    if total != job.total_steps:
-        job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
-                f"(was {job.total_steps:,})")
-        job.total_steps = progress.total_steps = total
-        _record_length(job, total)
-
-
-def refit_mid_epoch(job: Job, progress: Progress, steps: int, seconds: float) -> None:
-    """Under a time budget, every REFIT_EVERY steps or REFIT_FRACTION of the budget inside an epoch
-    (at a host sync, at least REFIT_MIN_STEPS steps apart): the pace of those steps fixes the run's
-    length again. An epoch on a 2-core CPU lasts minutes, and a machine that slows down
-    in the last one (another program starts, the CPU throttles) would otherwise overrun."""
-    total, _ = _fit_again(job, progress, steps, seconds, end_s=job.end_s,
-                          evaluations_done=progress.epoch // job.config.eval_every)
-    if total != job.total_steps:
-        job.total_steps = progress.total_steps = total
-        _record_length(job, total)
-
-
-def _fit_again(job: Job, progress: Progress, steps: int, seconds: float, end_s: float, evaluations_done: int,
-               pending_s: float = 0.0) -> tuple[int, float]:
-    """The run's length from the pace of the last `steps` steps (`seconds` of them), `end_s` per
-    epoch end and the time spent so far plus `pending_s`; every process gets the same answer from
-    the slowest one's figures. Returns (total steps, seconds per full-size step); sets job.end_s."""
-    # --low-res: the half-size steps among them were cheaper by the saving measured at calibration
-    half_size = job.half_size_steps(progress, since=progress.global_step - steps)
-    step_s = (seconds + half_size * job.low_res_saving_s) / max(steps, 1)  # a full-size step's
-    elapsed = time.perf_counter() - job.started + pending_s
-    step_s, end_s, elapsed = (max(values) for values in zip(*all_gather_object((step_s, end_s, elapsed),
-                                                                               job.runtime)))
-    job.end_s = end_s
-    low_res = ((job.config.low_res, step_s - job.low_res_saving_s)
-               if job.config.low_res and progress.low_res_end is None else None)
-    total = fit_total_steps(job.config.time_budget, elapsed, progress.global_step, step_s, job.steps_per_epoch,
-                            end_s, evaluations_done=evaluations_done, low_res=low_res,
-                            eval_every=job.config.eval_every)
-    return total, step_s
-
-
-def _write_config(job: Job) -> None:
-    """config.json: the config as run (resume with it), plus what was derived from it ("resolved")."""
-    rundir.write_config(job.run_dir, {**job.config.to_dict(), "resume": None, "overwrite": False,
-                                      "out": str(job.run_dir), "resolved": job.resolved})
-
-
-def _record_length(job: Job, total_steps: int) -> None:
-    """A budget run's length, fixed or re-fitted, sets the EMA's horizon (a tenth of the run at
-    most) and goes into config.json's "resolved" at once. A GPU's first steps can run at half the
-    later pace, and a first fit that short left the EMA averaging over a third of what it should."""
-    if job.ema is not None:
-        job.ema.decay = ema_decay_for(total_steps, job.config.ema_decay)
-        job.resolved["ema_decay"] = job.ema.decay
-    job.resolved["total_steps"] = total_steps
-    if job.runtime.is_main:
-        _write_config(job)
-
-
-def _evaluation_seconds(job: Job) -> float:
-    """Seconds one end-of-epoch evaluation (the model, and its EMA) will take, from one timed batch."""
-    if job.val_loader is None:
-        return 0.0
-    images, _ = next(iter(job.val_loader))
-    model = job.model
-    model.eval()
-    with torch.no_grad(), torch.autocast(job.runtime.device.type, dtype=torch.bfloat16,
-                                         enabled=job.runtime.bf16):
-        # twice, the second timed: the first call at this batch size picks kernels (cuDNN,
-        # oneDNN). On an H200 a cold call made the first fit count about 10 s per evaluation
-        # where one took about 0.3 s, and plan a third of the steps the budget had room for.
-        for _ in range(2):
-            start = time.perf_counter()
-            model(images)
-            if job.runtime.device.type == "cuda":
-                torch.cuda.synchronize(job.runtime.device)
-            seconds = time.perf_counter() - start
-    model.train()
-    return seconds * len(job.val_loader) * (2 if job.ema is not None else 1)
 
 
 def finish_epoch(job: Job, progress: Progress, last: bool) -> dict:
