@@ -53,7 +53,7 @@ def assert_same_run(a, b):
         assert torch.equal(tensor["exp_avg_sq"], state_b["optimizer"]["state"][name]["exp_avg_sq"])
     rows_a = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [r["val_loss"] for r in rows_a] == [r["val_loss"] for r in rows_b]
+    assert [r.get("val_loss") for r in rows_a] == [r.get("val_loss") for r in rows_b]
     assert [r["train_loss"] for r in rows_a] == pytest.approx([r["train_loss"] for r in rows_b], rel=1e-12)
 
 
@@ -119,7 +119,8 @@ def test_stopped_then_resumed_run_ends_bit_identical(straight, tmp_path, capsys,
 
 def test_evaluating_every_other_epoch_trains_the_same_and_resumes_bit_identical(straight, tmp_path, capsys):
     """--eval-every 2 on the 3-epoch run: epoch 2 and the last are evaluated and checkpointed, epoch
-    1 is not; the training itself is the same, and a stopped and resumed run ends bit-identical."""
+    1 is not; the training itself is the same, and a stopped and resumed run ends bit-identical,
+    also when it stopped after an epoch that was not evaluated."""
     data, uninterrupted = straight
     every = vitlab.train(tiny_config(data, tmp_path / "every", precision="fp32", eval_every=2))
     assert [r.get("val_top1") is not None for r in every.metrics] == [False, True, True]
@@ -134,6 +135,15 @@ def test_evaluating_every_other_epoch_trains_the_same_and_resumes_bit_identical(
     resumed = vitlab.train(resume=str(tmp_path / "run"))
     assert resumed.status == "completed" and [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
     assert_same_run(uninterrupted.run_dir, resumed.run_dir)
+    # --eval-every 3: only the last epoch is evaluated; stopped mid-epoch 2, after an epoch with no
+    # scores, the resumed run keeps that epoch's row and still ends as the uninterrupted one
+    third = vitlab.train(tiny_config(data, tmp_path / "third", precision="fp32", eval_every=3))
+    assert [r.get("val_top1") is not None for r in third.metrics] == [False, False, True]
+    stopped = vitlab.train(tiny_config(data, tmp_path / "stopped", precision="fp32", eval_every=3, max_steps=4))
+    assert stopped.status == "stopped" and "val_top1" not in stopped.metrics[0]
+    again = vitlab.train(resume=str(tmp_path / "stopped"))
+    assert [sorted(r) for r in again.metrics] == [sorted(r) for r in third.metrics]  # the same columns
+    assert_same_run(third.run_dir, again.run_dir)
 
 
 def test_max_steps_on_the_last_step_completes_the_run(images, tmp_path):

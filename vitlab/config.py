@@ -88,7 +88,7 @@ class TrainConfig:
     eval_batch_size: int = option(500, "batch size for the validation pass")
     eval_every: int = option(1, "evaluate and checkpoint every N epochs and after the last one (on a fast GPU "
                                 "an epoch lasts seconds and its evaluation and checkpoint a quarter of that; "
-                                "a resume redoes at most N - 1 epochs)", metavar="N")
+                                "a killed run redoes at most N epochs on resume)", metavar="N")
     lr: float = option(1e-3, "peak learning rate, reached after warmup")
     min_lr: float = option(1e-5, "learning rate at the last step")
     schedule: str = option("cosine", "decay from the peak to --min-lr after warmup: cosine or linear",

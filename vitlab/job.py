@@ -69,9 +69,10 @@ class Job:
     total_steps: int | None = None  # None until a time-budget run has measured this machine's speed
     calibration_start: tuple[int, float] | None = None  # (global step, time) where timing began
     calibration_end: int | None = None  # the step that fixes the length, once the first 20 are timed
-    save_s: float = 0.0  # seconds the last end-of-epoch checkpoint took (a budget counts it per epoch)
+    save_s: float = 0.0  # seconds the last checkpoint took (a budget counts one per evaluation)
     low_res_saving_s: float = 0.0  # --low-res under a budget: a full-size step's extra seconds, measured
-    end_s: float = 0.0  # under a budget: the expected seconds of each epoch's evaluation and save
+    eval_s: float = 0.0  # under a budget: seconds of the last evaluation (estimated until one has run)
+    end_s: float = 0.0  # under a budget: the expected seconds of each evaluation and its save
     metrics: list[dict] = field(default_factory=list)  # the finished epochs' rows (rank 0), kept in the state
     tensorboard: Any = None  # vitlab.tensorboard_log.TensorBoardLog with --log tensorboard (rank 0)
     last_evaluation: dict = field(default_factory=dict)  # "" / "ema_" -> the last epoch's EvalResult
@@ -127,7 +128,7 @@ def record_length(job: Job, total_steps: int) -> None:
     later pace, and a first fit that short left the EMA averaging over a third of what it should."""
     if job.ema is not None:
         job.ema.decay = ema_decay_for(total_steps, job.config.ema_decay)
-        job.resolved["ema_decay"] = job.ema.decay
+    job.resolved["ema_decay"] = job.ema.decay if job.ema is not None else None
     job.resolved["total_steps"] = total_steps
     if job.runtime.is_main:
         write_config(job)

@@ -47,14 +47,15 @@ def calibrate(job: Job, progress: Progress, full_size: torch.Tensor | None = Non
         job.calibration_end = calibration_end(job.warmup_steps, step_s, config.time_budget * (1 - config.distill))
     if progress.global_step < job.calibration_end:
         return
-    eval_s = evaluation_seconds(job) + job.save_s  # each evaluation comes with a save
+    evaluation = evaluation_seconds(job)
     saving = _low_res_saving(job, full_size) if full_size is not None else 0.0
     elapsed = time.perf_counter() - job.started  # the timed evaluation batch and passes included
     # every process fits from the same figures (the slowest's), so all stop at the same step
-    step_s, eval_s, saving, elapsed = (max(values) for values in zip(*all_gather_object(
-        (step_s, eval_s, saving, elapsed), runtime)))
+    step_s, evaluation, saving, elapsed = (max(values) for values in zip(*all_gather_object(
+        (step_s, evaluation, saving, elapsed), runtime)))
+    eval_s = evaluation + job.save_s  # each evaluation comes with a save
     # step_s timed half-size steps when --low-res is on: a full-size one costs `saving` more
-    job.low_res_saving_s, job.end_s = saving, eval_s
+    job.low_res_saving_s, job.eval_s, job.end_s = saving, evaluation, eval_s
     low_res = (config.low_res, step_s) if full_size is not None else None
     total = fit_total_steps(config.time_budget, elapsed, progress.global_step, step_s + saving,
                             job.steps_per_epoch, eval_s, low_res=low_res, eval_every=config.eval_every)
@@ -108,10 +109,14 @@ def refit_budget(job: Job, progress: Progress, eval_s: float | None) -> None:
     last checkpoint's fix the run's length again, so the run still ends with the budget. On a fast
     machine an epoch's checkpoint can cost as much as its steps, so each evaluation is counted with
     one save, this epoch's save included."""
-    evaluated = eval_s is not None
+    evaluated, epochs = eval_s is not None, progress.epoch + 1
+    if evaluated:
+        job.eval_s = eval_s
+    # the evaluations so far: every eval_every-th epoch, and this one when a stop made it evaluate
+    done = epochs // job.config.eval_every + (1 if evaluated and epochs % job.config.eval_every else 0)
+    # an epoch skipped by --eval-every still counts the last evaluation's and the last save's cost
     total, step_s = _fit_again(job, progress, progress.step_in_epoch, progress.partial["seconds"],
-                               end_s=eval_s + job.save_s if evaluated else job.end_s,
-                               evaluations_done=(progress.epoch + 1) // job.config.eval_every,
+                               end_s=job.eval_s + job.save_s, evaluations_done=done,
                                pending_s=job.save_s if evaluated else 0.0)  # this epoch's save is to come
     if total != job.total_steps:
         job.log(f"time budget: {1 / step_s:.2f} steps/s this epoch -> {total:,} steps in all "
@@ -135,7 +140,7 @@ def refit_mid_epoch(job: Job, progress: Progress, steps: int, seconds: float) ->
 def _fit_again(job: Job, progress: Progress, steps: int, seconds: float, end_s: float, evaluations_done: int,
                pending_s: float = 0.0) -> tuple[int, float]:
     """The run's length from the pace of the last `steps` steps (`seconds` of them), `end_s` per
-    epoch end and the time spent so far plus `pending_s`; every process gets the same answer from
+    evaluation (with its save) and the time spent so far plus `pending_s`; every process gets the same answer from
     the slowest one's figures. Returns (total steps, seconds per full-size step); sets job.end_s."""
     # --low-res: the half-size steps among them were cheaper by the saving measured at calibration
     half_size = job.half_size_steps(progress, since=progress.global_step - steps)

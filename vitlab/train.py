@@ -370,7 +370,10 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
                 status = reason
                 break
             reason = reason or ("interrupted" if stop.anywhere(runtime) else None)
-            row = finish_epoch(job, progress, last=reason is not None or job.done(progress))
+            # --eval-every skips epochs, but never the last one nor one the run stops after
+            checkpoint = (reason is not None or job.done(progress)
+                          or (progress.epoch + 1) % job.config.eval_every == 0)
+            row = finish_epoch(job, progress, checkpoint)
             if runtime.is_main:
                 metrics.append(row)
                 rundir.append_metrics(run_dir, row)
@@ -378,6 +381,8 @@ def _run(config: TrainConfig, runtime: Runtime, started: float) -> TrainResult:
                 if job.tensorboard is not None:
                     job.tensorboard.epoch(row)
                 log(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}))
+            if checkpoint and not reason:  # a Ctrl-C during the evaluation or save stops here, saved
+                reason = "interrupted" if stop.anywhere(runtime) else None
             if reason and not job.done(progress):
                 status = reason
                 break
@@ -556,12 +561,11 @@ def train_one_epoch(job: Job, progress: Progress, stop: StopOnInterrupt,
     return None
 
 
-def finish_epoch(job: Job, progress: Progress, last: bool) -> dict:
-    """The end of an epoch: train metrics summed over processes; on every --eval-every-th epoch
-    and the `last` one (the run's, or where it stops), evaluation of the model and its EMA and the
-    checkpoints. Moves `progress` to the next epoch and returns the epoch's metrics row."""
+def finish_epoch(job: Job, progress: Progress, checkpointed: bool = True) -> dict:
+    """The end of an epoch: train metrics summed over processes and, when `checkpointed` (every
+    --eval-every-th epoch, the run's last, one it stops after), evaluation of the model and its EMA
+    and the checkpoints. Moves `progress` to the next epoch and returns the epoch's metrics row."""
     runtime, partial = job.runtime, progress.partial
-    checkpointed = last or (progress.epoch + 1) % job.config.eval_every == 0
     sums = all_reduce_sum(torch.tensor([partial["loss"], partial["correct"], partial["seen"]],
                                        dtype=torch.float64), runtime)
     row = {"epoch": progress.epoch + 1, "train_loss": float(sums[0] / sums[2]),
