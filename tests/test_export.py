@@ -432,11 +432,26 @@ def test_int8_check_uses_the_checkpoints_validation_split(tmp_path, classifier):
 
 
 @pytest.mark.slow
-def test_int8_shipped_model_stays_within_a_point_on_cifar10(cifar_jpeg_archive, tmp_path):
-    result = export_model(vitlab.load(), tmp_path / "vit-lite.int8.onnx", quantize="int8", data=cifar_jpeg_archive)
+def test_int8_shipped_model_stays_within_a_point_on_held_out_cifar10(cifar_jpeg_archive, tmp_path):
+    """The shipped model's int8 export, checked on every fifth of its 5,000 held-out validation
+    images as class folders (the export scores every image there). On all 5,000 (BENCHMARKS.md:
+    int8 90.12%, fp32 90.28%) the check alone took 85 s of the suite's 10 minutes."""
+    from PIL import Image
+
+    from vitlab import checkpoint as ckpt
+    from vitlab.data import load_data
+
+    meta = ckpt.read_metadata(ckpt.DEFAULT_WEIGHTS)["data"]
+    splits = load_data(cifar_jpeg_archive, val_size=meta["val_size"], split_seed=meta["split_seed"])
+    for i in range(0, len(splits.val.labels), 5):
+        folder = tmp_path / "held-out" / splits.class_names[int(splits.val.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(splits.val.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    result = export_model(vitlab.load(), tmp_path / "vit-lite.int8.onnx", quantize="int8",
+                          data=tmp_path / "held-out")
     a = result.accuracy
-    assert a["split"] == "val" and a["images"] == 5000
-    assert a["fp32_top1"] == pytest.approx(0.903, abs=0.002) and a["fp32_top1"] - a["int8_top1"] <= 0.01
+    assert a["split"] == "all" and a["images"] == 1000
+    assert a["fp32_top1"] >= 0.88 and a["fp32_top1"] - a["int8_top1"] <= 0.01
     assert result.size_bytes < 0.3 * 15.2e6  # about a quarter of the fp32 file
 
 
