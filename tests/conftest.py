@@ -36,6 +36,17 @@ def _deterministic():
     yield
 
 
+def shipped_model_held_out(archive: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 validation images the shipped model was not trained on (uint8, sorted by class),
+    and their labels in CIFAR10_CLASSES order."""
+    from vitlab import checkpoint as ckpt
+    from vitlab.data import load_data
+
+    meta = ckpt.read_metadata(ckpt.DEFAULT_WEIGHTS)["data"]
+    val = load_data(archive, val_size=meta["val_size"], split_seed=meta["split_seed"]).val
+    return val.images, val.labels
+
+
 @pytest.fixture
 def cifar_jpeg_archive() -> Path:
     if not SHARED_ARCHIVE.exists():

@@ -15,7 +15,7 @@ from vitlab.classifier import Classifier
 from vitlab.cli import main
 from vitlab.export import MissingDependencyError, export_model, read_metadata
 
-from .conftest import tiny_vit_kwargs
+from .conftest import CIFAR10_CLASSES, shipped_model_held_out, tiny_vit_kwargs
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
 
@@ -438,15 +438,11 @@ def test_int8_shipped_model_stays_within_a_point_on_held_out_cifar10(cifar_jpeg_
     int8 90.12%, fp32 90.28%) the check alone took 85 s of the suite's 10 minutes."""
     from PIL import Image
 
-    from vitlab import checkpoint as ckpt
-    from vitlab.data import load_data
-
-    meta = ckpt.read_metadata(ckpt.DEFAULT_WEIGHTS)["data"]
-    splits = load_data(cifar_jpeg_archive, val_size=meta["val_size"], split_seed=meta["split_seed"])
-    for i in range(0, len(splits.val.labels), 5):
-        folder = tmp_path / "held-out" / splits.class_names[int(splits.val.labels[i])]
+    images, labels = shipped_model_held_out(cifar_jpeg_archive)
+    for i in range(0, len(labels), 5):
+        folder = tmp_path / "held-out" / CIFAR10_CLASSES[int(labels[i])]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(splits.val.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
     result = export_model(vitlab.load(), tmp_path / "vit-lite.int8.onnx", quantize="int8",
                           data=tmp_path / "held-out")
     a = result.accuracy

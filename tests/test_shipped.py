@@ -12,7 +12,7 @@ from PIL import Image
 import vitlab
 from vitlab import checkpoint as ckpt
 from vitlab.cli import main
-from tests.conftest import CIFAR10_CLASSES, SHARED_ARCHIVE
+from tests.conftest import CIFAR10_CLASSES, SHARED_ARCHIVE, shipped_model_held_out
 
 
 def test_the_shipped_file_is_small_half_precision_and_says_where_it_came_from():
@@ -50,20 +50,11 @@ def test_init_default_starts_a_run_from_the_shipped_architecture():
                        vitlab.load().model.state_dict()["head.weight"])
 
 
-def _held_out(archive):
-    """The 5,000 validation images the shipped model was not trained on (sorted by class)."""
-    from vitlab.data import load_data
-
-    meta = ckpt.read_metadata(ckpt.DEFAULT_WEIGHTS)["data"]
-    val = load_data(archive, val_size=meta["val_size"], split_seed=meta["split_seed"]).val
-    return val.images, val.labels
-
-
 @pytest.mark.slow
 def test_the_shipped_model_classifies_held_out_cifar10_images(cifar_jpeg_archive):
     """Every fifth of the 5,000 validation images the model never trained on (100 per class): the
     model card says 90.3% on all 5,000; 1,000 images leave about +-1 point of sampling noise."""
-    images, labels = _held_out(cifar_jpeg_archive)
+    images, labels = shipped_model_held_out(cifar_jpeg_archive)
     images, labels = images[::5], labels[::5]
     classifier = vitlab.load()
     predicted = torch.cat([classifier.probabilities(images[i:i + 250]).argmax(1) for i in range(0, 1000, 250)])
@@ -76,7 +67,7 @@ def cifar_folders(tmp_path_factory):
     a test/-only folder, and class folders with one class the model does not know."""
     if not SHARED_ARCHIVE.exists():
         pytest.skip(f"the shared CIFAR-10 archive is not at {SHARED_ARCHIVE}")
-    images, labels = _held_out(SHARED_ARCHIVE)
+    images, labels = shipped_model_held_out(SHARED_ARCHIVE)
     root = tmp_path_factory.mktemp("labelled")
     chosen = [3, 5, 8]  # cat, dog, ship
     for layout in ("classes", "test/", "unknown"):

@@ -66,7 +66,7 @@ def low_res_end(total_steps: int, fraction: float) -> int:
 def evaluations(epochs: int, eval_every: int) -> int:
     """How many of a run's first `epochs` epochs end with an evaluation (and checkpoint) when it
     evaluates every `eval_every` epochs and after its last one, `epochs` being the last."""
-    return epochs // eval_every + (1 if epochs % eval_every else 0)
+    return math.ceil(epochs / eval_every)
 
 
 def fit_total_steps(budget_s: float, elapsed_s: float, steps_done: int, step_s: float,
