@@ -178,15 +178,17 @@ def test_bad_sources_give_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_shared_archive(cifar_jpeg_archive, tmp_path):
+def test_real_shared_archive(cifar_jpeg_archive):
+    # decoded into the session's cache (conftest), where the later tests that read the archive
+    # find it: the suite decodes the 50,000 JPEGs once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        splits = load_data(cifar_jpeg_archive, cache_dir=tmp_path)
+        splits = load_data(cifar_jpeg_archive)
     assert len(splits.train) == 45_000 and len(splits.val) == 5_000 and splits.test is None
     assert splits.class_names[:3] == ["airplane", "automobile", "bird"] and splits.num_classes == 10
     assert splits.val.class_counts() == [500] * 10 and splits.image_size == (32, 32)
     assert splits.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=2e-3)  # the known CIFAR-10 stats
     start = time.perf_counter()
-    cached = load_data(cifar_jpeg_archive, cache_dir=tmp_path)
+    cached = load_data(cifar_jpeg_archive)
     assert time.perf_counter() - start < 5
     assert torch.equal(cached.val.images, splits.val.images)

@@ -31,6 +31,13 @@ def images(tmp_path, monkeypatch):
     return make_image_folder(tmp_path / "images")
 
 
+@pytest.fixture
+def narrow_teacher(monkeypatch):
+    """A teacher with a sixteenth of the default's convolution work per image: these tests check
+    what a run does around its teacher, and the default's width learns in the test above."""
+    monkeypatch.setattr("vitlab.teacher.WIDTHS", (8, 16, 32, 64))
+
+
 def test_the_distillation_loss_is_half_on_the_label_and_half_on_the_teachers():
     torch.manual_seed(1)
     logits, labels, teacher = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 1, 3, 3, 2, 1])
@@ -90,7 +97,7 @@ def test_the_teacher_learns_within_its_seconds_and_labels_every_image(images, mo
     assert "validation top-1" in report.summary() and "agree with" in report.summary()
 
 
-def test_the_teacher_trains_and_labels_under_bf16_autocast(images, monkeypatch):
+def test_the_teacher_trains_and_labels_under_bf16_autocast(images, narrow_teacher, monkeypatch):
     """What a CPU with native bf16 (or a GPU) runs under --precision auto; emulated, and slower,
     where the hardware has none, so this test runs the same path on either kind of machine."""
     fake_clock(monkeypatch, 0.01)
@@ -101,7 +108,7 @@ def test_the_teacher_trains_and_labels_under_bf16_autocast(images, monkeypatch):
     assert report.steps >= 10 and 0 <= labels.min() and labels.max() < 3
 
 
-def test_the_teacher_leaves_time_for_labelling_the_images(images, monkeypatch):
+def test_the_teacher_leaves_time_for_labelling_the_images(images, narrow_teacher, monkeypatch):
     data = load_data(str(images), val_size=30)
     steps = {}
     for reserve in (0, 2700):  # forward passes over 2,700 images: a third of 30 steps of 90 images
@@ -116,7 +123,7 @@ def _distilled(images, out, **overrides):
                        warmup_epochs=0.5, ema_decay=None, **overrides)
 
 
-def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(images, tmp_path, monkeypatch):
+def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(images, narrow_teacher, tmp_path, monkeypatch):
     clock = fake_clock(monkeypatch, 0.01)
     result = vitlab.train(_distilled(images, tmp_path / "run"))
     assert result.status == "completed"
@@ -126,6 +133,8 @@ def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(ima
     tensors = load_file(result.run_dir / rundir.TEACHER_FILE)
     assert tensors["labels"].shape == tensors["true_labels"].shape == (90,)  # 3 x 40 images, 30 held out
     assert any(k.startswith("teacher.stem") for k in tensors)
+    with safe_open(str(result.run_dir / rundir.TEACHER_FILE), "pt") as saved:
+        assert json.loads(saved.metadata()["vitlab_teacher"])["widths"] == [8, 16, 32, 64]
     # what was trained and saved is the ordinary ViT of its config
     model = vitlab.load(result.run_dir).model
     assert type(model) is VisionTransformer
@@ -137,7 +146,7 @@ def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(ima
     assert not (tmp_path / "run" / rundir.TEACHER_FILE).exists()
 
 
-def test_a_distilled_run_resumes_bit_identical_on_the_saved_teacher_labels(images, tmp_path, monkeypatch):
+def test_a_distilled_run_resumes_bit_identical_on_the_saved_teacher_labels(images, narrow_teacher, tmp_path, monkeypatch):
     # the length stays as calibration fixed it (a resumed budget run keeps its saved length, while
     # an uninterrupted one may still re-fit it by a step): then both runs take the same steps
     monkeypatch.setattr(train_module, "refit_budget", lambda *a, **k: None)
@@ -161,7 +170,7 @@ def test_a_distilled_run_resumes_bit_identical_on_the_saved_teacher_labels(image
     assert config["resolved"]["teacher"]["steps"] >= 10  # still says how its teacher was trained
 
 
-def test_a_run_whose_teacher_labels_are_gone_or_for_other_images_says_how_to_go_on(images, tmp_path, monkeypatch):
+def test_a_run_whose_teacher_labels_are_gone_or_for_other_images_says_how_to_go_on(images, narrow_teacher, tmp_path, monkeypatch):
     fake_clock(monkeypatch, 0.01)
     vitlab.train(_distilled(images, tmp_path / "run", max_steps=30))
     with pytest.raises(ValueError, match="cannot resume .*--subset, --val-size and --split-seed must stay"):

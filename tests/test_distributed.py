@@ -66,7 +66,7 @@ def test_torchrun_budget_run_refits_together_and_ends_on_one_step(tmp_path):
     images = make_image_folder(tmp_path / "images")
     run = tmp_path / "run"
     config = tmp_path / "ddp.json"
-    config.write_text(json.dumps(dict(data=str(images), model_overrides=TINY_MODEL, time_budget=20, batch_size=2,
+    config.write_text(json.dumps(dict(data=str(images), model_overrides=TINY_MODEL, time_budget=10, batch_size=2,
                                       val_size=30, lr=0.002, warmup_epochs=0.5, optimizer="muon", low_res=0.5,
                                       out=str(run), device="cpu", precision="fp32")))
     env = dict(os.environ, OMP_NUM_THREADS="1", VITLAB_CACHE=str(tmp_path / "cache"))

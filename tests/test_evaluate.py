@@ -48,10 +48,8 @@ def test_confusion_png_is_written(tmp_path):
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VITLAB_CACHE", str(root / "cache"))
-        run = train_tiny_run(root, precision="fp32")  # recorded scores are fp32 on every machine
-        yield run, root / "images"
+    run = train_tiny_run(root, precision="fp32")  # recorded scores are fp32 on every machine
+    return run, root / "images"
 
 
 def test_cli_eval_json_uses_the_training_validation_split(run_and_data, capsys):
@@ -103,24 +101,6 @@ def test_eval_precision_auto_follows_the_machine_and_bf16_is_close(run_and_data,
 
 
 # ---------------------------------------------------------------- bf16 serving on real weights
-@pytest.fixture(scope="session")
-def cifar_run(tmp_path_factory):
-    """A small ViT (8x8 patches, 3 blocks of width 64) trained for 3 epochs on 4,000 CIFAR-10 images
-    (under a minute on 2 CPU cores, plus decoding the archive once per session): weights with the
-    confidence margins of a real model, which random weights lack."""
-    from vitlab.config import train_preset
-
-    from tests.conftest import SHARED_ARCHIVE
-
-    if not SHARED_ARCHIVE.exists():
-        pytest.skip(f"the shared CIFAR-10 archive is not at {SHARED_ARCHIVE}")
-    config = train_preset("nano", data=str(SHARED_ARCHIVE), out=str(tmp_path_factory.mktemp("cifar") / "run"),
-                          subset=4000, val_size=2000, epochs=3, batch_size=100, lr=3e-3, warmup_epochs=0.3,
-                          ema_decay=None, precision="fp32", device="cpu",
-                          model_overrides=dict(dim=64, depth=3, heads=4, mlp_dim=128, patch_size=8))
-    return vitlab.train(config).run_dir
-
-
 @pytest.mark.slow
 def test_bf16_serving_gives_fp32_answers_on_a_trained_checkpoint(cifar_run, cifar_jpeg_archive):
     """The bf16 copy predict/eval/embed run by default where bf16 is native, forced here (emulated
