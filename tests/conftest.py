@@ -58,7 +58,7 @@ def cifar_jpeg_archive() -> Path:
 @pytest.fixture(scope="session")
 def cifar_run(tmp_path_factory, _private_cache):
     """The run directory of a small ViT (8x8 patches, 3 blocks of width 64) trained for 3 epochs on
-    4,000 images of the shared CIFAR-10 archive, 2,000 held out (about 15 s on 2 CPU cores, plus
+    4,000 images of the shared CIFAR-10 archive, 2,000 held out (about 8 s on 2 CPU cores, plus
     decoding the archive once per session): weights with the confidence margins of a real model,
     which random weights lack. Trained once per session for every test that needs one."""
     import vitlab

@@ -74,12 +74,13 @@ class ConvGroup(nn.Module):
 
 
 class TeacherCNN(nn.Module):
-    """A stem conv and three ConvGroups (32 -> 16 -> 8 -> 4 pixels), global max-pool, linear head."""
+    """A stem conv and three ConvGroups (32 -> 16 -> 8 -> 4 pixels), global max-pool, linear head;
+    `widths` (the stem's and each group's channels) defaults to the module's WIDTHS."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3,
-                 widths: tuple[int, int, int, int] = WIDTHS):
+                 widths: tuple[int, int, int, int] | None = None):
         super().__init__()
-        self.widths = tuple(widths)
+        widths = self.widths = tuple(widths or WIDTHS)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.GELU())
         self.groups = nn.Sequential(*(ConvGroup(a, b) for a, b in zip(widths[:-1], widths[1:])))
@@ -122,7 +123,7 @@ def train_teacher(train_set: ImageSet, *, mean, std, seconds: float, seed: int, 
     started = time.perf_counter()
     layout = _channels_last(device)
     torch.manual_seed(derive_seed(seed, INIT_STREAM))
-    model = TeacherCNN(len(train_set.class_names), train_set.images.shape[1], WIDTHS).to(device, memory_format=layout)
+    model = TeacherCNN(len(train_set.class_names), train_set.images.shape[1]).to(device, memory_format=layout)
     batch = min(BATCH_SIZE, len(train_set))
     loader = BatchLoader(train_set, batch, mean=mean, std=std, train=True, device=device,
                          augment=AugmentConfig(crop_padding=2, flip=True, flip_mode="alternate"),
