@@ -123,7 +123,8 @@ def _distilled(images, out, **overrides):
                        warmup_epochs=0.5, ema_decay=None, **overrides)
 
 
-def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(images, narrow_teacher, tmp_path, monkeypatch):
+def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(images, narrow_teacher, tmp_path,
+                                                                             monkeypatch):
     clock = fake_clock(monkeypatch, 0.01)
     result = vitlab.train(_distilled(images, tmp_path / "run"))
     assert result.status == "completed"
@@ -146,7 +147,8 @@ def test_a_distilled_run_saves_its_teacher_and_a_plain_vit_within_its_budget(ima
     assert not (tmp_path / "run" / rundir.TEACHER_FILE).exists()
 
 
-def test_a_distilled_run_resumes_bit_identical_on_the_saved_teacher_labels(images, narrow_teacher, tmp_path, monkeypatch):
+def test_a_distilled_run_resumes_bit_identical_on_the_saved_teacher_labels(images, narrow_teacher, tmp_path,
+                                                                           monkeypatch):
     # the length stays as calibration fixed it (a resumed budget run keeps its saved length, while
     # an uninterrupted one may still re-fit it by a step): then both runs take the same steps
     monkeypatch.setattr(train_module, "refit_budget", lambda *a, **k: None)
@@ -170,7 +172,8 @@ def test_a_distilled_run_resumes_bit_identical_on_the_saved_teacher_labels(image
     assert config["resolved"]["teacher"]["steps"] >= 10  # still says how its teacher was trained
 
 
-def test_a_run_whose_teacher_labels_are_gone_or_for_other_images_says_how_to_go_on(images, narrow_teacher, tmp_path, monkeypatch):
+def test_a_run_whose_teacher_labels_are_gone_or_for_other_images_says_how_to_go_on(images, narrow_teacher, tmp_path,
+                                                                                   monkeypatch):
     fake_clock(monkeypatch, 0.01)
     vitlab.train(_distilled(images, tmp_path / "run", max_steps=30))
     with pytest.raises(ValueError, match="cannot resume .*--subset, --val-size and --split-seed must stay"):
